@@ -1,0 +1,170 @@
+"""PyTorch weights ↔ Flax variables, with no import of torch.
+
+Two layouts, chosen by the config:
+- d2l's `nn.Sequential` network (`bottleneck=False`): keys `0.0.weight` (stem conv),
+  `1.net.0.0.weight` (block 1, conv_block 0, BatchNorm), `2.2.weight` (transition 1 conv), ...
+- torchvision's DenseNet-BC (`bottleneck=True`): `features.conv0.weight`,
+  `features.denseblock1.denselayer1.conv1.weight`, ..., `classifier.weight`.
+
+Conv weights OIHW ↔ HWIO; Linear `weight.T` ↔ `kernel`; BatchNorm `weight, bias` ↔ params
+`scale, bias` and `running_mean, running_var` ↔ batch_stats `mean, var` (both unbiased, as
+`densenet_jax.BatchNorm` keeps them).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from densenet_jax.config import DenseNetConfig
+from densenet_jax.modules import DenseNet
+
+Path = tuple[str, ...]
+# For each kind of torch module: (torch name, flax collection, flax name, OIHW→HWIO etc.).
+_CONV_HWIO = (2, 3, 1, 0)
+_LEAVES = {
+    "conv": (("weight", "params", "kernel", _CONV_HWIO), ("bias", "params", "bias", None)),
+    "bn": (("weight", "params", "scale", None), ("bias", "params", "bias", None),
+           ("running_mean", "batch_stats", "mean", None),
+           ("running_var", "batch_stats", "var", None)),
+    "linear": (("weight", "params", "kernel", (1, 0)), ("bias", "params", "bias", None)),
+}
+# Counted by PyTorch's BatchNorm, unused by momentum-based running statistics.
+_IGNORED_SUFFIX = ".num_batches_tracked"
+
+
+def layout(config: DenseNetConfig) -> str:
+    """"torchvision" for DenseNet-BC configs, "sequential" (d2l's network) otherwise."""
+    return "torchvision" if config.bottleneck else "sequential"
+
+
+def _modules(config: DenseNetConfig) -> Iterator[tuple[str, Path, str]]:
+    """(torch module prefix, flax module path, kind) for every module with weights."""
+    blocks = config.block_config
+    if layout(config) == "sequential":
+        yield "0.0", ("stem_conv",), "conv"
+        yield "0.1", ("stem_norm",), "bn"
+        for b, num_convs in enumerate(blocks):
+            index = 1 + 2 * b
+            for i in range(num_convs):
+                layer = (f"dense_block{b + 1}", f"layer{i + 1}", "conv_block")
+                yield f"{index}.net.{i}.0", layer + ("norm",), "bn"
+                yield f"{index}.net.{i}.2", layer + ("conv",), "conv"
+            if b < len(blocks) - 1:
+                transition = (f"transition{b + 1}", "conv_block")
+                yield f"{index + 1}.0", transition + ("norm",), "bn"
+                yield f"{index + 1}.2", transition + ("conv",), "conv"
+        # after the blocks: BatchNorm, ReLU, global pool, Flatten, Linear
+        yield f"{2 * len(blocks)}", ("head_norm",), "bn"
+        yield f"{2 * len(blocks) + 4}", ("classifier",), "linear"
+    else:
+        yield "features.conv0", ("stem_conv",), "conv"
+        yield "features.norm0", ("stem_norm",), "bn"
+        for b, num_convs in enumerate(blocks):
+            for i in range(num_convs):
+                torch_layer = f"features.denseblock{b + 1}.denselayer{i + 1}"
+                layer = (f"dense_block{b + 1}", f"layer{i + 1}")
+                yield f"{torch_layer}.norm1", layer + ("bottleneck", "norm"), "bn"
+                yield f"{torch_layer}.conv1", layer + ("bottleneck", "conv"), "conv"
+                yield f"{torch_layer}.norm2", layer + ("conv_block", "norm"), "bn"
+                yield f"{torch_layer}.conv2", layer + ("conv_block", "conv"), "conv"
+            if b < len(blocks) - 1:
+                transition = (f"transition{b + 1}", "conv_block")
+                yield f"features.transition{b + 1}.norm", transition + ("norm",), "bn"
+                yield f"features.transition{b + 1}.conv", transition + ("conv",), "conv"
+        yield "features.norm5", ("head_norm",), "bn"
+        yield "classifier", ("classifier",), "linear"
+
+
+def _key_map(config: DenseNetConfig) -> dict[str, tuple[str, Path, tuple[int, ...] | None]]:
+    """torch state_dict key → (flax collection, flax path, permutation torch → flax)."""
+    keys = {}
+    for prefix, path, kind in _modules(config):
+        for torch_name, collection, flax_name, permutation in _LEAVES[kind]:
+            if kind == "conv" and torch_name == "bias" and not config.conv_bias:
+                continue
+            keys[f"{prefix}.{torch_name}"] = (collection, path + (flax_name,), permutation)
+    return keys
+
+
+def _variable_shapes(config: DenseNetConfig) -> dict[str, dict[Path, tuple[int, ...]]]:
+    size = config.min_input_size()
+    x = jax.ShapeDtypeStruct((1, size, size, config.in_channels), config.param_dtype)
+    shapes = jax.eval_shape(lambda key, x: DenseNet(config).init(key, x, train=False),
+                            jax.random.key(0), x)
+    return {collection: {path: leaf.shape for path, leaf in
+                         flax.traverse_util.flatten_dict(tree).items()}
+            for collection, tree in shapes.items()}
+
+
+def _to_numpy(value: Any, dtype) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch.Tensor; torch itself is not imported here
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=dtype)
+
+
+def _list(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(repr(k) for k in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def from_torch(state_dict: Mapping[str, Any], config: DenseNetConfig) -> dict:
+    """Flax variables `{"params": ..., "batch_stats": ...}` from a PyTorch state_dict.
+
+    state_dict: torch tensors or arrays keyed as PyTorch names them, in the layout the
+    config implies (see module docstring). Raises ValueError naming any unknown, missing
+    or mis-shaped key.
+    """
+    key_map = _key_map(config)
+    given = {k for k in state_dict if not k.endswith(_IGNORED_SUFFIX)}
+    hint = (f" (a {layout(config)}-layout state_dict is expected for this config: "
+            f"bottleneck={config.bottleneck})")
+    unknown = given - key_map.keys()
+    if unknown:
+        raise ValueError(f"unexpected key(s) in state_dict: {_list(unknown)}{hint}")
+    missing = key_map.keys() - given
+    if missing:
+        raise ValueError(f"missing key(s) in state_dict: {_list(missing)}{hint}")
+    shapes = _variable_shapes(config)
+    variables: dict[str, dict[Path, np.ndarray]] = {"params": {}, "batch_stats": {}}
+    for key, (collection, path, permutation) in key_map.items():
+        value = _to_numpy(state_dict[key], config.param_dtype)
+        expected = shapes[collection][path]
+        if permutation is not None:
+            if value.ndim != len(permutation):
+                raise ValueError(f"state_dict key {key!r} has shape {value.shape}, expected "
+                                 f"{_torch_shape(expected, permutation)}")
+            value = value.transpose(permutation)
+        if value.shape != expected:
+            raise ValueError(f"state_dict key {key!r} has shape "
+                             f"{_torch_shape(value.shape, permutation)}, expected "
+                             f"{_torch_shape(expected, permutation)} for this config")
+        variables[collection][path] = jnp.asarray(value)
+    return {c: flax.traverse_util.unflatten_dict(tree) for c, tree in variables.items()}
+
+
+def _torch_shape(flax_shape: tuple[int, ...], permutation) -> tuple[int, ...]:
+    if permutation is None:
+        return tuple(flax_shape)
+    return tuple(flax_shape[permutation.index(axis)] for axis in range(len(permutation)))
+
+
+def to_torch(variables: Mapping[str, Any], config: DenseNetConfig) -> dict:
+    """The reverse of `from_torch`: a state_dict of torch tensors for the PyTorch reference
+    (`densenet_jax.torch_reference.reference_model(config)`), loadable with strict=True."""
+    import torch  # only this direction needs it
+
+    flat = {c: flax.traverse_util.flatten_dict(variables[c]) for c in ("params", "batch_stats")}
+    state_dict = {}
+    for prefix, _, kind in _modules(config):
+        if kind == "bn":
+            state_dict[f"{prefix}{_IGNORED_SUFFIX}"] = torch.tensor(0)
+    for key, (collection, path, permutation) in _key_map(config).items():
+        value = np.asarray(flat[collection][path])
+        if permutation is not None:
+            value = value.transpose(np.argsort(permutation))
+        state_dict[key] = torch.tensor(value)  # a copy: JAX's buffers are read-only
+    return state_dict

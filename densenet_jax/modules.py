@@ -1,0 +1,225 @@
+"""Flax Linen modules mirroring d2l's DenseNet one to one, in NHWC.
+
+| d2l (PyTorch)        | here              |
+|----------------------|-------------------|
+| `conv_block`         | `ConvBlock`       |
+| `DenseBlock`         | `DenseBlock`      |
+| `transition_block`   | `TransitionBlock` |
+| `nn.Sequential(b1, *blks, ...)` | `DenseNet` |
+
+BatchNorm state lives in the `batch_stats` collection: apply with `train=True,
+mutable=["batch_stats"]` to train, `train=False` to evaluate with the running statistics.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from densenet_jax.config import DenseNetConfig, param_dtype, transition_channels
+
+Dtype = Any
+# d2l's train_ch6 re-initialises every Conv2d and Linear weight with Xavier-uniform.
+kernel_init = nn.initializers.xavier_uniform()
+# Name under which convolution outputs are saved when remat is on: everything else in a
+# dense layer (concat, BatchNorm, ReLU) is recomputed in the backward pass.
+CONV_OUTPUT = "conv_output"
+remat_policy = jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
+
+
+def symmetric_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """PyTorch's `padding=kernel_size // 2` on both sides; 'SAME' would pad strided
+    convolutions asymmetrically (2, 3) where PyTorch pads (3, 3)."""
+    pad = kernel_size // 2
+    return ((pad, pad), (pad, pad))
+
+
+class BatchNorm(nn.Module):
+    """PyTorch's BatchNorm2d semantics over the channel (last) axis.
+
+    Flax's `nn.BatchNorm` keeps the *biased* batch variance in its running average;
+    PyTorch keeps the unbiased one (× n / (n - 1)). This module follows PyTorch so that
+    running statistics, and so evaluation-mode outputs, stay identical after training.
+    Statistics are computed in float32 (float64 for float64 compute) whatever the compute
+    dtype.
+
+    x: (N, H, W, C) → (N, H, W, C) in `dtype`.
+    """
+
+    momentum: float = 0.1  # PyTorch's convention: new = (1 - momentum) * old + momentum * batch
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        features, stats_dtype = x.shape[-1], param_dtype(self.dtype)
+        scale = self.param("scale", nn.initializers.ones, (features,), stats_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), stats_dtype)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), stats_dtype)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), stats_dtype)
+        x = x.astype(stats_dtype)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x, axes)
+            var = jnp.mean(jnp.square(x - mean), axes)
+            if not self.is_initializing():
+                n = x.size // features
+                unbiased_var = var * (n / max(n - 1, 1))
+                running_mean.value += self.momentum * (mean - running_mean.value)
+                running_var.value += self.momentum * (unbiased_var - running_var.value)
+        else:
+            mean, var = running_mean.value, running_var.value
+        # (x - mean) first, as PyTorch does: folding the mean into the shift,
+        # x * m + (bias - mean * m), cancels catastrophically when |mean| >> std.
+        return ((x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias).astype(self.dtype)
+
+
+class ConvBlock(nn.Module):
+    """d2l's `conv_block`: BatchNorm → ReLU → Conv(kernel_size × kernel_size, padding
+    kernel_size // 2). x: (N, H, W, C_in) → (N, H, W, features)."""
+
+    features: int
+    kernel_size: int = 3
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.relu(BatchNorm(dtype=self.dtype, name="norm")(x, train))
+        x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
+                    padding=symmetric_padding(self.kernel_size), use_bias=self.use_bias,
+                    dtype=self.dtype, param_dtype=param_dtype(self.dtype),
+                    kernel_init=kernel_init, name="conv")(x)
+        return checkpoint_name(x, CONV_OUTPUT)
+
+
+class DenseLayer(nn.Module):
+    """One layer of a dense block: concatenates all earlier feature maps, then a
+    `ConvBlock` giving `growth_rate` channels (preceded, in DenseNet-BC, by a 1×1
+    bottleneck `ConvBlock` of `bottleneck_width * growth_rate` channels).
+
+    features: tuple of (N, H, W, C_i) → (N, H, W, growth_rate).
+    """
+
+    growth_rate: int
+    bottleneck_width: int | None = None
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
+        x = jnp.concatenate(features, axis=-1) if len(features) > 1 else features[0]
+        if self.bottleneck_width:
+            x = ConvBlock(self.bottleneck_width * self.growth_rate, 1, self.use_bias,
+                          self.dtype, name="bottleneck")(x, train)
+        return ConvBlock(self.growth_rate, 3, self.use_bias, self.dtype,
+                         name="conv_block")(x, train)
+
+
+class DenseBlock(nn.Module):
+    """d2l's `DenseBlock`: `num_convs` layers, each adding `growth_rate` channels.
+
+    x: (N, H, W, C) → (N, H, W, C + num_convs * growth_rate).
+    """
+
+    num_convs: int
+    growth_rate: int
+    bottleneck_width: int | None = None
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        # `train` (argument 2, counting self) is a Python bool that selects the code path.
+        layer = (nn.remat(DenseLayer, policy=remat_policy, static_argnums=(2,))
+                 if self.remat else DenseLayer)
+        features = [x]
+        for index in range(self.num_convs):
+            y = layer(self.growth_rate, self.bottleneck_width, self.use_bias, self.dtype,
+                      name=f"layer{index + 1}")(tuple(features), train)
+            features.append(y)
+        return jnp.concatenate(features, axis=-1)
+
+
+class TransitionBlock(nn.Module):
+    """d2l's `transition_block`: BatchNorm → ReLU → Conv1×1 → AvgPool(2, stride 2).
+
+    x: (N, H, W, C) → (N, H // 2, W // 2, num_channels).
+    """
+
+    num_channels: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = ConvBlock(self.num_channels, 1, self.use_bias, self.dtype, name="conv_block")(x, train)
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class DenseNet(nn.Module):
+    """The full network: stem (Conv7×7/2 → BN → ReLU → MaxPool3×3/2), dense blocks with
+    transitions between them, then BN → ReLU → global pool → Linear.
+
+    x: (N, H, W, in_channels) floating, H and W ≥ `config.min_input_size()` →
+    logits (N, num_classes) float32 (float64 for float64 compute).
+    """
+
+    config: DenseNetConfig = DenseNetConfig()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        cfg = self.config
+        check_input(x, cfg)
+        if cfg.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError('dtype "float64" needs 64-bit JAX: call '
+                             'jax.config.update("jax_enable_x64", True) first')
+        dtype = cfg.compute_dtype
+        x = nn.Conv(cfg.stem_channels, (7, 7), strides=(2, 2), padding=symmetric_padding(7),
+                    use_bias=cfg.conv_bias, dtype=dtype, param_dtype=cfg.param_dtype,
+                    kernel_init=kernel_init, name="stem_conv")(x)
+        x = nn.relu(BatchNorm(dtype=dtype, name="stem_norm")(x, train))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=symmetric_padding(3))
+        bottleneck_width = cfg.bottleneck_width if cfg.bottleneck else None
+        for index, num_convs in enumerate(cfg.block_config):
+            x = DenseBlock(num_convs, cfg.growth_rate, bottleneck_width, cfg.conv_bias, dtype,
+                           cfg.remat, name=f"dense_block{index + 1}")(x, train)
+            if index < len(cfg.block_config) - 1:
+                x = TransitionBlock(transition_channels(x.shape[-1], cfg.compression),
+                                    cfg.conv_bias, dtype, name=f"transition{index + 1}")(x, train)
+        x = nn.relu(BatchNorm(dtype=dtype, name="head_norm")(x, train))
+        x = jnp.max(x, axis=(1, 2)) if cfg.global_pool == "max" else jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(cfg.num_classes, dtype=dtype, param_dtype=cfg.param_dtype,
+                     kernel_init=kernel_init, name="classifier")(x)
+        return x.astype(cfg.param_dtype)
+
+
+def check_input(x, cfg: DenseNetConfig) -> None:
+    """Raise a one-line error for input the network cannot take, before XLA sees it."""
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        raise TypeError(f"DenseNet expects an array of shape (N, H, W, C), got {type(x).__name__}")
+    if len(shape) != 4:
+        raise ValueError(
+            f"DenseNet expects images of shape (N, H, W, C) (channels last), got shape "
+            f"{tuple(shape)}; add the missing batch or channel axis, e.g. x[None] or x[..., None]")
+    if shape[-1] != cfg.in_channels:
+        raise ValueError(
+            f"DenseNet expects {cfg.in_channels} input channel(s) on the last axis (NHWC), got "
+            f"shape {tuple(shape)}; transpose NCHW data with x.transpose(0, 2, 3, 1) or set "
+            f"in_channels in the config")
+    minimum = cfg.min_input_size()
+    if min(shape[1], shape[2]) < minimum:
+        raise ValueError(
+            f"input of {shape[1]}×{shape[2]} is too small: this DenseNet needs at least "
+            f"{minimum}×{minimum}, since the stem divides height and width by 4 and each of its "
+            f"{len(cfg.block_config) - 1} transitions by 2, which must leave at least 1×1 "
+            f"before global pooling; resize the images (d2l uses 96×96)")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"DenseNet expects floating-point images, got dtype {x.dtype}; convert first, "
+            f"e.g. x.astype(jnp.float32) / 255")

@@ -1,0 +1,244 @@
+"""Channel arithmetic, configs, input errors, remat and tracing of the Flax modules."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import densenet_jax
+from densenet_jax import ConvBlock, DenseBlock, DenseNet, TransitionBlock
+
+
+def init_apply(module, x, train=False):
+    """(variables, output); in training mode the output is (y, batch_stats updates)."""
+    variables = module.init(jax.random.key(0), x, train=False)
+    mutable = ["batch_stats"] if train else False
+    return variables, module.apply(variables, x, train=train, mutable=mutable)
+
+
+def test_dense_block_adds_growth_rate_per_conv():
+    # d2l: DenseBlock(2, 3, 10) on (4, 3, 8, 8) gives 3 + 2×10 = 23 channels.
+    _, y = init_apply(DenseBlock(num_convs=2, growth_rate=10), jnp.ones((4, 8, 8, 3)))
+    chex.assert_shape(y, (4, 8, 8, 23))
+
+
+def test_transition_block_sets_channels_and_halves_size():
+    # d2l: transition_block(23, 10) on the dense block's output gives (4, 10, 4, 4).
+    _, y = init_apply(TransitionBlock(num_channels=10), jnp.ones((4, 8, 8, 23)))
+    chex.assert_shape(y, (4, 4, 4, 10))
+
+
+def test_conv_block_keeps_height_and_width():
+    _, (y, _) = init_apply(ConvBlock(features=7), jnp.ones((2, 5, 6, 3)), train=True)
+    chex.assert_shape(y, (2, 5, 6, 7))
+
+
+def test_d2l_network_channel_and_spatial_sequence():
+    cfg = densenet_jax.preset("d2l")
+    assert cfg.stage_channels() == (64, 192, 96, 224, 112, 240, 120, 248)
+    model = DenseNet(cfg)
+    x = jnp.ones((2, 96, 96, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, state = model.apply(variables, x, train=False,
+                           capture_intermediates=lambda m, _: m.name and (
+                               m.name.startswith(("dense_block", "transition")) or m.name == "stem_norm"))
+    inter = state["intermediates"]
+    shapes = [inter["stem_norm"]["__call__"][0].shape]
+    for b in range(1, 5):
+        shapes.append(inter[f"dense_block{b}"]["__call__"][0].shape)
+        if b < 4:
+            shapes.append(inter[f"transition{b}"]["__call__"][0].shape)
+    assert [s[-1] for s in shapes] == [64, 192, 96, 224, 112, 240, 120, 248]
+    # stem conv 96 → 48 (stem_norm sees 48), max pool → 24, transitions → 12 → 6 → 3
+    assert [s[1] for s in shapes] == [48, 24, 12, 12, 6, 6, 3, 3]
+    chex.assert_shape(model.apply(variables, x, train=False), (2, 10))
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+    assert 0.75e6 < num_params < 0.77e6  # "about 0.76 M parameters"
+
+
+@settings(max_examples=15, deadline=None)
+@given(num_convs=st.integers(1, 4), in_channels=st.integers(1, 12),
+       growth_rate=st.integers(1, 16), bottleneck=st.booleans())
+def test_dense_block_channel_property(num_convs, in_channels, growth_rate, bottleneck):
+    block = DenseBlock(num_convs, growth_rate, bottleneck_width=4 if bottleneck else None)
+    x = jnp.ones((2, 4, 4, in_channels))
+    variables, y = init_apply(block, x)
+    chex.assert_shape(y, (2, 4, 4, in_channels + num_convs * growth_rate))
+    convs = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+             if path[-1].key == "kernel"]
+    assert len(convs) == num_convs * (2 if bottleneck else 1)
+
+
+def test_batch_stats_collection_updates_only_in_training():
+    model = DenseNet(densenet_jax.preset("d2l"))
+    x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+    assert set(variables) == {"params", "batch_stats"}
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    before, after = variables["batch_stats"]["stem_norm"], updates["batch_stats"]["stem_norm"]
+    assert not np.allclose(before["mean"], after["mean"])
+    # PyTorch's momentum 0.1: new = 0.9 old + 0.1 batch (old mean is 0 at init)
+    assert np.all(np.abs(after["mean"]) > 0)
+    # evaluation reads the running statistics and changes nothing
+    out_eval = model.apply(variables, x, train=False)
+    out_eval_again = model.apply(variables, x, train=False)
+    np.testing.assert_array_equal(out_eval, out_eval_again)
+
+
+def test_batchnorm_matches_pytorch_formulas():
+    x = jax.random.normal(jax.random.key(0), (3, 4, 5, 2)) * 2 + 1
+    bn = densenet_jax.BatchNorm()
+    variables = bn.init(jax.random.key(0), x, train=False)
+    y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+    flat = np.asarray(x).reshape(-1, 2)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1),
+                               rtol=1e-5)
+    expected = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 2), expected, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    cfg = densenet_jax.preset("d2l", dtype="bfloat16")
+    model = DenseNet(cfg)
+    x = jnp.ones((2, 32, 32, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
+    logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert logits.dtype == jnp.float32
+    assert {leaf.dtype for leaf in jax.tree.leaves(updates)} == {jnp.dtype("float32")}
+
+
+@pytest.mark.parametrize("name", sorted(densenet_jax.PRESETS))
+def test_presets(name):
+    cfg = densenet_jax.preset(name)
+    assert cfg.min_input_size() == 29
+    assert cfg.bottleneck == (name != "d2l")
+    assert cfg.global_pool == ("max" if name == "d2l" else "avg")
+    assert densenet_jax.preset(name, num_classes=1000).num_classes == 1000
+
+
+def test_densenet121_matches_torchvision_size():
+    # torchvision's densenet121 has 7,978,856 parameters with 3 input channels and 1000 classes
+    cfg = densenet_jax.preset("densenet121", in_channels=3, num_classes=1000)
+    shapes = jax.eval_shape(lambda: DenseNet(cfg).init(jax.random.key(0),
+                                                       jnp.ones((1, 32, 32, 3)), train=False))
+    assert sum(leaf.size for leaf in jax.tree.leaves(shapes["params"])) == 7_978_856
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(growth_rate=0), "growth_rate must be a positive integer, got 0"),
+    (dict(growth_rate=-3), "growth_rate must be a positive integer, got -3"),
+    (dict(block_config=()), "block_config must name at least one dense block"),
+    (dict(block_config=(4, 0)), "block_config must hold positive integers"),
+    (dict(compression=0.0), r"compression must lie in \(0, 1\], got 0.0"),
+    (dict(compression=1.5), r"compression must lie in \(0, 1\], got 1.5"),
+    (dict(global_pool="sum"), "global_pool must be one of"),
+    (dict(dtype="float16"), "dtype must be one of"),
+    (dict(num_classes=0), "num_classes must be a positive integer"),
+])
+def test_invalid_config_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        densenet_jax.preset("d2l", **overrides)
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ValueError, match="unknown preset 'densenet999'; choose one of d2l"):
+        densenet_jax.preset("densenet999")
+    with pytest.raises(ValueError, match="unknown DenseNetConfig field"):
+        densenet_jax.preset("d2l", growth=3)
+
+
+@pytest.mark.parametrize("x, error, message", [
+    (np.ones((28, 28)), ValueError, r"shape \(N, H, W, C\).*got shape \(28, 28\)"),
+    (np.ones((2, 96, 96, 3)), ValueError, r"expects 1 input channel\(s\).*transpose"),
+    (np.ones((2, 1, 96, 96)), ValueError, r"expects 1 input channel\(s\)"),
+    (np.ones((2, 28, 28, 1)), ValueError, r"28×28 is too small.*at least 29×29"),
+    (np.ones((2, 96, 16, 1)), ValueError, r"96×16 is too small"),
+    (np.ones((2, 96, 96, 1), np.uint8), TypeError, r"floating-point images, got dtype uint8"),
+    ([1.0, 2.0], TypeError, r"expects an array"),
+])
+def test_bad_input_is_rejected_before_xla(x, error, message):
+    model = DenseNet(densenet_jax.preset("d2l"))
+    with pytest.raises(error, match=message):
+        model.init(jax.random.key(0), x, train=False)
+    variables = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 1)), train=False)
+    with pytest.raises(error, match=message):
+        jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+
+
+def test_smallest_accepted_input_runs():
+    cfg = densenet_jax.preset("d2l")
+    size = cfg.min_input_size()
+    assert cfg.output_size(size) == 1 and cfg.output_size(size - 1) == 0
+    _, y = init_apply(DenseNet(cfg), jnp.ones((2, size, size, 1)))
+    chex.assert_shape(y, (2, 10))
+
+
+def loss_and_grads(cfg, variables, x, labels):
+    model = DenseNet(cfg)
+
+    def loss_fn(params):
+        logits, updates = model.apply({**variables, "params": params}, x, train=True,
+                                      mutable=["batch_stats"])
+        one_hot = jax.nn.one_hot(labels, cfg.num_classes)
+        return -jnp.mean(jnp.sum(one_hot * jax.nn.log_softmax(logits), -1)), updates
+
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+
+
+def test_remat_gives_the_same_loss_gradients_and_statistics():
+    cfg = densenet_jax.preset("densenet121", block_config=(3, 3), growth_rate=8)
+    x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 1))
+    labels = jnp.arange(4)
+    variables = DenseNet(cfg).init(jax.random.key(0), x, train=False)
+    (loss, stats), grads = loss_and_grads(cfg, variables, x, labels)
+    (loss_r, stats_r), grads_r = loss_and_grads(
+        densenet_jax.preset("densenet121", block_config=(3, 3), growth_rate=8, remat=True),
+        variables, x, labels)
+    # Recomputation may fuse differently: equal up to float32 rounding. The absolute term
+    # covers gradients that are zero in exact arithmetic (stem_norm's scale here: with a
+    # zero BatchNorm bias, ReLU and max pool are positively homogeneous and the next
+    # training-mode BatchNorm is scale-invariant), which are pure rounding noise.
+    chex.assert_trees_all_close(loss, loss_r, rtol=1e-6)
+    chex.assert_trees_all_close(grads, grads_r, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(stats, stats_r, rtol=1e-6)
+
+
+def residual_bytes(cfg, batch, size):
+    """Bytes JAX keeps from the forward pass for the backward pass (the leaves of the
+    VJP closure) of a training-mode forward."""
+    model = DenseNet(cfg)
+    x = jnp.ones((batch, size, size, cfg.in_channels))
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def forward(params):
+        return model.apply({**variables, "params": params}, x, train=True,
+                           mutable=["batch_stats"])[0]
+
+    _, vjp_fn = jax.vjp(forward, variables["params"])
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(vjp_fn))
+
+
+def test_remat_keeps_fewer_residuals_for_the_backward_pass():
+    # XLA:CPU's compiled temporary memory does not show this (its fusions already avoid
+    # storing most BatchNorm/ReLU outputs, and its scheduler does not exploit the
+    # recomputation): the saving is measured where JAX decides what is kept.
+    base = dict(block_config=(6, 12), growth_rate=16)
+    plain = residual_bytes(densenet_jax.preset("densenet121", **base), 8, 64)
+    remat = residual_bytes(densenet_jax.preset("densenet121", remat=True, **base), 8, 64)
+    assert remat < plain / 2, (plain, remat)
+
+
+def test_jitted_apply_is_traced_once():
+    model = DenseNet(densenet_jax.preset("d2l"))
+    variables = model.init(jax.random.key(0), jnp.ones((2, 32, 32, 1)), train=False)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def predict(variables, x):
+        return model.apply(variables, x, train=False)
+
+    for seed in range(3):
+        predict(variables, jax.random.uniform(jax.random.key(seed), (2, 32, 32, 1)))

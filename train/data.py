@@ -1,0 +1,182 @@
+"""Fashion-MNIST: the four official IDX files, checked by sha256, from a folder, a
+download, or tensorflow-datasets; every source yields the same uint8 arrays.
+
+images: (N, 28, 28, 1) uint8, labels: (N,) int32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+ENV_VAR = "FASHION_MNIST_DIR"
+MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# The official files' sha256 (identical to the checksums tensorflow-datasets records).
+FILES = {
+    "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+    "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+    "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+    "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+}
+SPLIT_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+               "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+NUM_CLASSES = 10
+SOURCES = ("idx", "tfds")
+
+
+class DataError(Exception):
+    """Missing, corrupt or unreadable data; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "idx"
+    data_dir: str | None = None  # None: $FASHION_MNIST_DIR, else the per-user cache
+    download: bool = True        # fetch missing files into the cache folder
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # (N, 28, 28, 1) uint8
+    labels: np.ndarray  # (N,) int32
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: int) -> "Split":
+        return Split(self.images[:n], self.labels[:n])
+
+
+def default_cache_dir() -> Path:
+    """Per-user cache folder, as torchvision and Keras keep one."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "densenet_jax" / "fashion-mnist"
+
+
+def resolve_data_dir(data_dir: str | None) -> tuple[Path, bool]:
+    """(folder, whether it is the cache, where missing files may be downloaded)."""
+    if data_dir:
+        return Path(data_dir), False
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]), False
+    return default_cache_dir(), True
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(name: str, folder: Path, base_url: str = MIRROR, timeout: float = 60.0) -> Path:
+    """Fetch one official file into `folder`, checking its sha256. The bytes go to a
+    temporary file first, so a failed or partial download never replaces a good file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    url = base_url + name
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            shutil.copyfileobj(response, out)
+        if (actual := sha256(Path(tmp))) != FILES[name]:
+            raise DataError(f"downloaded {url} has sha256 {actual}, expected {FILES[name]}; "
+                            f"the mirror served a different file, try again later")
+        os.replace(tmp, target)
+    except (OSError, EOFError) as error:  # includes URLError, timeouts, dropped connections
+        raise DataError(f"could not download {url}: {error}; download the four Fashion-MNIST "
+                        f"files by hand into {folder} or pass --data-dir") from error
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def ensure_files(folder: Path, may_download: bool, base_url: str = MIRROR) -> None:
+    """Every official file present with its official sha256, downloading where allowed."""
+    if not may_download and not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist; pass --data-dir (or set "
+                        f"{ENV_VAR}) to a folder holding the four Fashion-MNIST .gz files")
+    for name, expected in FILES.items():
+        path = folder / name
+        if not path.exists():
+            if not may_download:
+                raise DataError(f"{path} is missing; put the official Fashion-MNIST file "
+                                f"{name} there (from {MIRROR}{name})")
+            download(name, folder, base_url)
+        elif (actual := sha256(path)) != expected:
+            raise DataError(f"{path} has sha256 {actual}, expected {expected}; the file is "
+                            f"damaged or not the official one: replace it with {MIRROR}{name}")
+
+
+def read_idx(path: Path, expected_ndim: int) -> np.ndarray:
+    """Array from a gzipped IDX file of unsigned bytes (magic 0x00000801 for labels,
+    0x00000803 for images)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path} is not a readable gzip file ({error}); replace it with "
+                        f"{MIRROR}{path.name}") from error
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08 or data[3] != expected_ndim:
+        raise DataError(f"{path} has IDX magic {data[:4].hex() or 'none'}, expected "
+                        f"0000080{expected_ndim} (unsigned bytes, {expected_ndim} dimensions)")
+    header = 4 + 4 * expected_ndim
+    if len(data) < header:
+        raise DataError(f"{path} ends inside its IDX header")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(expected_ndim))
+    if len(data) - header != int(np.prod(shape)):
+        raise DataError(f"{path} holds {len(data) - header} bytes of data but its header "
+                        f"declares shape {shape} ({int(np.prod(shape))} bytes)")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def read_idx_split(folder: Path, split: str) -> Split:
+    image_file, label_file = SPLIT_FILES[split]
+    images = read_idx(folder / image_file, 3)
+    labels = read_idx(folder / label_file, 1)
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"{folder / image_file} holds images of {images.shape[1:]}, "
+                        f"expected 28×28")
+    if len(images) != len(labels):
+        raise DataError(f"{folder / image_file} holds {len(images)} images but "
+                        f"{folder / label_file} {len(labels)} labels")
+    if labels.size and labels.max() >= NUM_CLASSES:
+        raise DataError(f"{folder / label_file} has label {labels.max()}, expected 0..9")
+    return Split(images[..., None], labels.astype(np.int32))
+
+
+def read_tfds_split(folder: Path, split: str) -> Split:
+    """The same split through tensorflow-datasets, which reads the official files from
+    `folder` as its manual_dir (no network) and prepares its records in the cache (the
+    data folder may be read-only). tfds shuffles: same examples, another order."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise DataError('--data-source tfds needs tensorflow-datasets: '
+                        'pip install -e ".[tfds]"') from error
+    tfds.disable_progress_bar()
+    builder = tfds.builder("fashion_mnist", data_dir=str(default_cache_dir().parent / "tfds"))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(folder)))
+    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    return Split(arrays["image"].astype(np.uint8), arrays["label"].astype(np.int32))
+
+
+def load(config: DataConfig) -> dict[str, Split]:
+    """{"train": Split, "test": Split} from the configured source."""
+    if config.source not in SOURCES:
+        raise DataError(f"unknown data source {config.source!r}; choose one of {SOURCES}")
+    folder, is_cache = resolve_data_dir(config.data_dir)
+    ensure_files(folder, may_download=is_cache and config.download)
+    reader = read_idx_split if config.source == "idx" else read_tfds_split
+    return {split: reader(folder, split) for split in SPLIT_FILES}
