@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -88,11 +89,16 @@ def download(name: str, folder: Path, base_url: str = MIRROR, timeout: float = 6
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             shutil.copyfileobj(response, out)
+            size, received = response.headers.get("Content-Length"), out.tell()
+        if size is not None and received != int(size):
+            raise DataError(f"could not download {url}: the connection dropped after "
+                            f"{received} of {size} bytes; try again, or download the file "
+                            f"by hand into {folder}")
         if (actual := sha256(Path(tmp))) != FILES[name]:
             raise DataError(f"downloaded {url} has sha256 {actual}, expected {FILES[name]}; "
                             f"the mirror served a different file, try again later")
         os.replace(tmp, target)
-    except (OSError, EOFError) as error:  # includes URLError, timeouts, dropped connections
+    except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, cut transfers
         raise DataError(f"could not download {url}: {error}; download the four Fashion-MNIST "
                         f"files by hand into {folder} or pass --data-dir") from error
     finally:

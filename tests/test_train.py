@@ -1,0 +1,150 @@
+"""The trainer end to end on real Fashion-MNIST: learning, files, resume, bad input."""
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from train import main as cli
+from train.loop import fit
+from train.steps import train_step
+
+
+def run_cli(data_dir, workdir, *args):
+    return cli.main(["--data-dir", str(data_dir), "--workdir", str(workdir), "--resize", "32",
+                     *args])
+
+
+def test_short_real_run_learns_and_writes_its_files(data_dir, tmp_path, capsys):
+    code = run_cli(data_dir, tmp_path, "--limit-train", "4000", "--batch-size", "64",
+                   "--epochs", "2")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[-1]["test_acc"] > 0.5  # chance is 0.1
+    assert records[-1]["loss"] < records[0]["loss"]
+    lines = out.strip().splitlines()
+    assert lines[-2] == (f"loss {records[-1]['loss']:.3f}, train acc {records[-1]['train_acc']:.3f}, "
+                         f"test acc {records[-1]['test_acc']:.3f}")
+    assert lines[-1].endswith("examples/sec on cpu:0 (cpu)")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["epochs"] == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def small(splits):
+    """The training split as fit() takes it, with a tenth of the test split (faster)."""
+    return {"train": splits["train"], "test": splits["test"].head(1000)}
+
+
+def quick_run(data_dir, tmp_path, recipe="d2l"):
+    args = cli.parse_args(["--data-dir", str(data_dir), "--resize", "32", "--limit-train", "600",
+                           "--batch-size", "128", "--epochs", "2", "--recipe", recipe])
+    return cli.run_config(args)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("recipe", ["d2l", "strong"])
+def test_resume_equals_uninterrupted(data_dir, splits, tmp_path, recipe):
+    run = quick_run(data_dir, tmp_path, recipe)
+    splits = small(splits)
+    straight = fit(run, splits, tmp_path / "straight", log=lambda line: None)
+
+    def interrupt_after_epoch_1(line):
+        if line.startswith("epoch 1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(run, splits, tmp_path / "resumed", log=interrupt_after_epoch_1)
+    resumed = fit(run, splits, tmp_path / "resumed", resume=True, log=lambda line: None)
+
+    def results(history):
+        return [{k: v for k, v in r.items() if k not in ("examples_per_sec", "train_seconds")}
+                for r in history]
+
+    assert results(resumed) == results(straight)  # bitwise: same floats
+    saved = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert results(saved) == results(straight)
+
+
+def test_train_step_compiles_once_per_shape(data_dir, splits, tmp_path):
+    # 1000 examples in batches of 96: ten full batches and one of 40, over two epochs.
+    args = cli.parse_args(["--resize", "32", "--limit-train", "1000", "--batch-size", "96",
+                           "--epochs", "2"])
+    before = train_step._cache_size()
+    fit(cli.run_config(args), small(splits), tmp_path, log=lambda line: None)
+    assert train_step._cache_size() - before == 2
+
+
+def test_ctrl_c_says_how_to_resume(data_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "fit", interrupted)
+    assert run_cli(data_dir, tmp_path, "--limit-train", "600") == 130
+    assert "continue with the same command plus --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resize", "16"], "--resize 16 is below this network's minimum input size 29"),
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--epochs", "-1"], "--epochs must be positive, got -1"),
+    (["--lr", "0"], "--lr must be positive, got 0.0"),
+    (["--limit-train", "0"], "--limit-train must be positive, got 0"),
+    (["--resume"], "--resume: no checkpoint in"),
+])
+def test_bad_arguments(data_dir, tmp_path, capsys, args, message):
+    assert run_cli(data_dir, tmp_path, "--limit-train", "600", *args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_bad_data_folder(tmp_path, capsys):
+    assert run_cli(tmp_path / "nowhere", tmp_path / "run") == 1
+    err = capsys.readouterr().err
+    assert "does not exist; pass --data-dir" in err and err.count("\n") == 1
+
+
+def test_resume_with_another_config_is_refused(data_dir, tmp_path, capsys):
+    assert run_cli(data_dir, tmp_path, "--limit-train", "300", "--epochs", "1") == 0
+    assert run_cli(data_dir, tmp_path, "--limit-train", "300", "--epochs", "1", "--lr", "0.05",
+                   "--resume") == 1
+    err = capsys.readouterr().err
+    assert "is of another configuration (recipe.learning_rate was 0.1, now 0.05)" in err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, splits, tmp_path,
+                                                                    monkeypatch):
+    from train import loop
+
+    run = quick_run(data_dir, tmp_path)
+    real_device_get = jax.device_get
+    epochs_seen = []
+
+    def poisoned_after_epoch_1(tree):  # epoch 2's loss turns to NaN
+        tree = real_device_get(tree)
+        if isinstance(tree, dict) and "loss_sum" in tree:
+            epochs_seen.append(1)
+            if len(epochs_seen) == 2:
+                tree = {**tree, "loss_sum": np.float32("nan")}
+        return tree
+
+    monkeypatch.setattr(loop.jax, "device_get", poisoned_after_epoch_1)
+    with pytest.raises(loop.NonFiniteLossError, match="the loss became nan in epoch 2, training "
+                                                      "stopped; the last good checkpoint "
+                                                      r"\(epoch 1\) is kept"):
+        fit(run, small(splits), tmp_path, log=lambda line: None)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_diverging_lr_gives_a_clear_error(data_dir, tmp_path, capsys):
+    assert run_cli(data_dir, tmp_path, "--limit-train", "300", "--epochs", "1",
+                   "--lr", "1e30") == 1
+    err = capsys.readouterr().err
+    assert re.search(r"the loss became (nan|-?inf) in epoch 1", err) and "nothing was saved" in err

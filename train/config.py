@@ -1,0 +1,62 @@
+"""What a training run is: one frozen dataclass per concern, bundled in `RunConfig`.
+
+The model is a `densenet_jax.DenseNetConfig`; the data source a `train.data.DataConfig`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import densenet_jax
+from train.data import DataConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+    """Optimiser, schedule, loss and augmentation. `RECIPES["d2l"]` is d2l's train_ch6."""
+
+    learning_rate: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # or "cosine" (with linear warm-up)
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    augment: bool = False       # random crop (padding 2) and horizontal flip, on the device
+
+
+RECIPES = {
+    "d2l": RecipeConfig(),
+    # What it takes to beat d2l by far on Fashion-MNIST (target: test acc ≥ 0.95).
+    "strong": RecipeConfig(momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine",
+                           warmup_epochs=1.0, label_smoothing=0.1, augment=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: d2l's defaults (10 epochs of batch 256 at 96×96)."""
+
+    epochs: int = 10
+    batch_size: int = 256
+    resize: int = 96
+    seed: int = 0
+    limit_train: int | None = None  # train on the first N examples only
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: densenet_jax.DenseNetConfig = densenet_jax.DenseNetConfig()
+    recipe: RecipeConfig = RecipeConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def result_fields(self) -> dict:
+        """Everything that shapes the results (not where the data lies): a checkpoint
+        resumes only a run whose fields are all equal."""
+        fields = self.to_dict()
+        fields["data"] = {"source": self.data.source}
+        fields["model"]["block_config"] = list(self.model.block_config)
+        return fields

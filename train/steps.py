@@ -1,0 +1,109 @@
+"""The one train step and eval step, used by the CLI, the benchmark and the tests."""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+import densenet_jax
+from train.config import RecipeConfig
+from train.pipeline import preprocess, random_crop_and_flip
+
+
+class TrainState(train_state.TrainState):
+    """params, optimiser state and step, plus BatchNorm's running statistics."""
+
+    batch_stats: Any = None
+
+
+def learning_rate_schedule(recipe: RecipeConfig, steps_per_epoch: int, epochs: int):
+    if recipe.schedule == "constant":
+        return recipe.learning_rate
+    if recipe.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, recipe.learning_rate, int(recipe.warmup_epochs * steps_per_epoch),
+            max(epochs * steps_per_epoch, 1))
+    raise ValueError(f"unknown schedule {recipe.schedule!r}; choose 'constant' or 'cosine'")
+
+
+def make_optimizer(recipe: RecipeConfig, steps_per_epoch: int, epochs: int):
+    """SGD (plain for d2l); weight decay added to the gradient, as torch.optim.SGD does."""
+    schedule = learning_rate_schedule(recipe, steps_per_epoch, epochs)
+    sgd = optax.sgd(schedule, momentum=recipe.momentum or None, nesterov=recipe.nesterov)
+    if recipe.weight_decay:
+        return optax.chain(optax.add_decayed_weights(recipe.weight_decay), sgd)
+    return sgd
+
+
+def create_train_state(model: densenet_jax.DenseNet, optimizer, key: jax.Array,
+                       resize: int) -> TrainState:
+    """Initialised variables (Xavier-uniform conv and linear kernels, as d2l)."""
+    x = jnp.zeros((1, resize, resize, model.config.in_channels), model.config.param_dtype)
+    variables = jax.jit(functools.partial(model.init, train=False))(key, x)
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optimizer,
+                              batch_stats=variables["batch_stats"])
+    # An int32 array, not Python's 0, so the first step hits the same compiled program.
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def zero_metrics() -> dict[str, jax.Array]:
+    return {"loss_sum": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
+            "count": jnp.zeros((), jnp.int32)}
+
+
+@functools.partial(jax.jit, static_argnames=("resize", "recipe"), donate_argnums=(0, 1))
+def train_step(state: TrainState, metrics: dict, images: jax.Array, labels: jax.Array,
+               indices: jax.Array, key: jax.Array, *, resize: int,
+               recipe: RecipeConfig) -> tuple[TrainState, dict]:
+    """One SGD step on the examples `indices` of the split held on the device.
+
+    images: (N, 28, 28, 1) uint8, labels: (N,) int32, indices: (B,) int32.
+    metrics accumulate the loss sum and correct count on the device.
+    """
+    batch = images[indices]
+    if recipe.augment:
+        batch = random_crop_and_flip(batch, key)
+    x = preprocess(batch, resize)
+    y = labels[indices]
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                         x, train=True, mutable=["batch_stats"])
+        targets = jax.nn.one_hot(y, logits.shape[-1])
+        if recipe.label_smoothing:
+            targets = optax.smooth_labels(targets, recipe.label_smoothing)
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics = {"loss_sum": metrics["loss_sum"] + loss * y.shape[0],
+               "correct": metrics["correct"] + jnp.sum(jnp.argmax(logits, -1) == y),
+               "count": metrics["count"] + y.shape[0]}
+    return state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("resize",), donate_argnums=(1,))
+def eval_step(state: TrainState, correct: jax.Array, images: jax.Array, labels: jax.Array,
+              indices: jax.Array, *, resize: int) -> jax.Array:
+    """Running count of correct predictions in evaluation mode (running statistics)."""
+    x = preprocess(images[indices], resize)
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x,
+                            train=False)
+    return correct + jnp.sum(jnp.argmax(logits, -1) == labels[indices])
+
+
+def checkpoint_tree(state: TrainState) -> dict:
+    """The arrays of a TrainState (what a checkpoint holds)."""
+    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state}
+
+
+def replace_from_tree(state: TrainState, tree: dict) -> TrainState:
+    return state.replace(step=tree["step"], params=tree["params"],
+                         batch_stats=tree["batch_stats"], opt_state=tree["opt_state"])
+
