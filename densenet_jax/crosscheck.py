@@ -1,6 +1,6 @@
 """Cross-check against the PyTorch reference: same weights, same batch, both frameworks.
 
-    python -m densenet_jax.crosscheck --preset d2l --global-pool max --size 64 --batch 8
+    python -m densenet_jax.crosscheck --preset d2l --global-pool max --size 32 --batch 16
 
 Loads one set of weights into both (random weights and random BatchNorm running
 statistics, or a user's `--torch-state FILE`), runs a batch in evaluation and training
@@ -10,7 +10,7 @@ of each check; exits 1 when any is above its tolerance.
 With `--x64` both frameworks compute in float64 and every check must agree to 1e-9: this
 proves the implementations equal where float32 rounding cannot, for instance in the
 gradients of a full-depth DenseNet-121 at a small input size, which are ill-conditioned
-enough that both frameworks' float32 results stray from the float64 ones by up to ~10 %
+enough that both frameworks' float32 results stray from the float64 ones by up to ~16 %
 in the worst layer.
 
 Relative error of two trees: the largest, over leaves, of max|ours − torch| / max|torch|.
@@ -29,7 +29,6 @@ import sys
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -182,8 +181,9 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-state", metavar="FILE",
                         help="a saved PyTorch state_dict (torch.save) to check instead of "
                              "random weights")
-    parser.add_argument("--size", type=int, default=64, help="input height and width")
-    parser.add_argument("--batch", type=int, default=8)
+    # The defaults keep float32 gradients well-conditioned (see the module docstring).
+    parser.add_argument("--size", type=int, default=32, help="input height and width")
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--x64", action="store_true",
                         help="compute in float64 in both frameworks (tolerance 1e-9)")
