@@ -101,6 +101,14 @@ class DenseNetConfig:
             size += 1
         return size
 
+    def require_input_size(self, size: int, name: str = "input size") -> None:
+        """ValueError, naming `name` (a flag, say), if `size` is below `min_input_size()`."""
+        if size < self.min_input_size():
+            raise ValueError(
+                f"{name} {size} is below this network's minimum input size "
+                f"{self.min_input_size()} (the stem divides height and width by 4 and each of "
+                f"its {len(self.block_config) - 1} transitions by 2)")
+
 
 def param_dtype(compute_dtype):
     """Parameters and statistics are kept in at least float32 (bf16 compute → float32)."""

@@ -197,9 +197,7 @@ def main(argv=None) -> int:
         if args.batch < 2:
             raise ValueError(f"--batch must be at least 2 (training-mode BatchNorm needs "
                              f"more than one value per channel), got {args.batch}")
-        if args.size < config.min_input_size():
-            raise ValueError(f"--size {args.size} is below this network's minimum input "
-                             f"size {config.min_input_size()}")
+        config.require_input_size(args.size, "--size")
         torch_state = _load_state(args.torch_state) if args.torch_state else None
         errors = crosscheck(config, args.size, args.batch, args.seed, torch_state)
     except (ValueError, TypeError, OSError, RuntimeError) as error:

@@ -27,7 +27,7 @@ import densenet_jax
 from train import data
 from train.config import RECIPES, RunConfig, TrainConfig
 from train.loop import device_name, fit
-from train.main import PRECISIONS
+from train.main import PRECISIONS, require_positive
 from train.steps import create_train_state, make_optimizer, train_step, zero_metrics
 
 
@@ -158,14 +158,10 @@ def end_to_end_benchmark(args, config) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        for name in ("batch", "resize", "steps", "repeats"):
-            if getattr(args, name) <= 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+        require_positive(args, "batch", "resize", "steps", "repeats")
         config = densenet_jax.preset(args.preset, dtype=PRECISIONS[args.precision],
                                      remat=args.remat)
-        if args.resize < config.min_input_size():
-            raise ValueError(f"--resize {args.resize} is below this network's minimum input "
-                             f"size {config.min_input_size()}")
+        config.require_input_size(args.resize, "--resize")
         print(f"{args.preset}, batch {args.batch}, resize {args.resize}, {args.precision}"
               f"{', remat' if args.remat else ''}, {os.cpu_count()} CPU threads, {device_name()}")
         result = (end_to_end_benchmark if args.end_to_end else step_benchmark)(args, config)

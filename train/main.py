@@ -51,11 +51,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_config(args: argparse.Namespace) -> RunConfig:
-    """The run the arguments describe; ValueError with a one-line message if invalid."""
-    for name in ("epochs", "batch_size"):
+def require_positive(args: argparse.Namespace, *names: str) -> None:
+    """ValueError naming the first of the flags `names` whose value is not positive."""
+    for name in names:
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The run the arguments describe; ValueError with a one-line message if invalid."""
+    require_positive(args, "epochs", "batch_size")
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     if args.limit_train is not None and args.limit_train <= 0:
@@ -64,10 +69,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     if args.global_pool:
         overrides["global_pool"] = args.global_pool
     model = densenet_jax.preset(args.preset, **overrides)
-    if args.resize < model.min_input_size():
-        raise ValueError(f"--resize {args.resize} is below this network's minimum input size "
-                         f"{model.min_input_size()} (the stem divides by 4 and each transition "
-                         f"by 2); use --resize 32 or more")
+    model.require_input_size(args.resize, "--resize")
     recipe = RECIPES[args.recipe]
     if args.lr is not None:
         recipe = dataclasses.replace(recipe, learning_rate=args.lr)
