@@ -23,24 +23,27 @@ def random_crop_and_flip(images: jax.Array, key: jax.Array) -> jax.Array:
     return jnp.where(flip, crops[:, :, ::-1], crops)
 
 
-def preprocess(images: jax.Array, resize: int, dtype=jnp.float32) -> jax.Array:
+def preprocess(images: jax.Array, resize: int) -> jax.Array:
     """d2l's transforms: pixels ÷ 255 and a bilinear resize to resize × resize (no
-    normalisation). images: (B, 28, 28, 1) uint8 → (B, resize, resize, 1) dtype."""
+    normalisation). images: (B, 28, 28, 1) uint8 → (B, resize, resize, 1) float32; the
+    model casts to its compute dtype."""
     x = images.astype(jnp.float32) / 255.0
     if x.shape[1:3] != (resize, resize):
         x = jax.image.resize(x, (x.shape[0], resize, resize, x.shape[-1]), "bilinear")
-    return x.astype(dtype)
+    return x
+
+
+def _cut(order: jax.Array, batch_size: int) -> list[jax.Array]:
+    """Batches of indices, the last one partial if `batch_size` does not divide the
+    number of examples: every example is used once, and only two batch shapes occur."""
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> list[jax.Array]:
-    """A fresh permutation cut into batches of indices, the last one partial if
-    `batch_size` does not divide `num_examples`: every example is used once per epoch,
-    and only two batch shapes ever occur."""
-    order = jax.random.permutation(key, num_examples)
-    return [order[start:start + batch_size] for start in range(0, num_examples, batch_size)]
+    """The training order of one epoch: a fresh permutation, cut into batches."""
+    return _cut(jax.random.permutation(key, num_examples), batch_size)
 
 
 def sequential_batches(num_examples: int, batch_size: int) -> list[jax.Array]:
     """The evaluation order: every example once, in order."""
-    order = jnp.arange(num_examples)
-    return [order[start:start + batch_size] for start in range(0, num_examples, batch_size)]
+    return _cut(jnp.arange(num_examples), batch_size)
