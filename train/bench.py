@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import densenet_jax
@@ -28,6 +27,7 @@ from train import data
 from train.config import RECIPES, RunConfig, TrainConfig
 from train.loop import device_name, fit
 from train.main import PRECISIONS, require_positive
+from train.parallel import data_mesh, initialize_distributed, replicate
 from train.steps import create_train_state, make_optimizer, train_step, zero_metrics
 
 
@@ -49,22 +49,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class JaxSteps:
-    """`steps` calls of the project's train_step on a batch held on the device."""
+    """`steps` calls of the project's train_step on a batch held on the devices, split
+    over all of them as train.main splits it."""
 
-    def __init__(self, config: densenet_jax.DenseNetConfig, batch: int, resize: int):
+    def __init__(self, config: densenet_jax.DenseNetConfig, batch: int, resize: int, mesh):
         rng = np.random.default_rng(0)
-        self.images = jnp.asarray(rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8))
-        self.labels = jnp.asarray(rng.integers(0, 10, batch, dtype=np.int32))
-        self.indices = jnp.arange(batch)
-        self.key = jax.random.key(0)
-        self.recipe, self.resize = RECIPES["d2l"], resize
-        optimizer = make_optimizer(self.recipe, 1, 1)
-        self.state = create_train_state(densenet_jax.DenseNet(config), optimizer,
-                                        jax.random.key(0), resize)
-        self.metrics = zero_metrics()
+        recipe = RECIPES["d2l"]
+        optimizer = make_optimizer(recipe, 1, 1)
+        state = create_train_state(densenet_jax.DenseNet(config), optimizer, jax.random.key(0),
+                                   resize)
+        (self.state, self.metrics, self.images, self.labels, self.indices,
+         self.key) = replicate((state, zero_metrics(),
+                                rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8),
+                                rng.integers(0, 10, batch, dtype=np.int32),
+                                np.arange(batch, dtype=np.int32), jax.random.key(0)), mesh)
         args = (self.state, self.metrics, self.images, self.labels, self.indices, self.key)
         start = time.perf_counter()
-        self.compiled = train_step.lower(*args, resize=resize, recipe=self.recipe).compile()
+        self.compiled = train_step.lower(*args, resize=resize, recipe=recipe,
+                                         mesh=mesh).compile()
         self.compile_seconds = time.perf_counter() - start
         memory = self.compiled.memory_analysis()
         self.peak_bytes = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
@@ -116,7 +118,7 @@ class TorchSteps:
 
 
 def step_benchmark(args, config) -> dict:
-    ours = JaxSteps(config, args.batch, args.resize)
+    ours = JaxSteps(config, args.batch, args.resize, data_mesh())
     theirs = None if args.no_torch else TorchSteps(config, args.batch, args.resize)
     jax_rates, torch_rates = [], []
     for _ in range(args.repeats):  # A/B alternated, so drifts hit both alike
@@ -162,6 +164,7 @@ def main(argv=None) -> int:
         config = densenet_jax.preset(args.preset, dtype=PRECISIONS[args.precision],
                                      remat=args.remat)
         config.require_input_size(args.resize, "--resize")
+        initialize_distributed()
         print(f"{args.preset}, batch {args.batch}, resize {args.resize}, {args.precision}"
               f"{', remat' if args.remat else ''}, {os.cpu_count()} CPU threads, {device_name()}")
         result = (end_to_end_benchmark if args.end_to_end else step_benchmark)(args, config)
@@ -169,7 +172,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(json.dumps({"device": device_name(), "preset": args.preset, "batch": args.batch,
-                      "resize": args.resize, "precision": args.precision, **result}))
+                      "resize": args.resize, "precision": args.precision, **result}, ensure_ascii=False))
     return 0
 
 

@@ -17,6 +17,7 @@ import densenet_jax
 from train import checkpoint
 from train.config import RunConfig
 from train.data import Split
+from train.parallel import data_mesh, replicate
 from train.pipeline import epoch_batches, sequential_batches
 from train.plots import plot_curves
 from train.steps import create_train_state, eval_step, make_optimizer, train_step, zero_metrics
@@ -26,44 +27,60 @@ class NonFiniteLossError(Exception):
     """Training diverged; the last good checkpoint is kept."""
 
 
-def device_name() -> str:
-    device = jax.devices()[0]
-    return f"{device.platform}:{device.id} ({device.device_kind})"
+def device_name(mesh=None) -> str:
+    """"cpu:0 (cpu)" for one device; "4 × cpu (cpu), 2 processes" for a mesh of several."""
+    devices = list((mesh or data_mesh()).devices.flat)
+    first = devices[0]
+    if len(devices) == 1:
+        return f"{first.platform}:{first.id} ({first.device_kind})"
+    processes = len({d.process_index for d in devices})
+    return (f"{len(devices)} × {first.platform} ({first.device_kind})"
+            + (f", {processes} processes" if processes > 1 else ""))
 
 
-def evaluate(state, images: jax.Array, labels: jax.Array, batch_size: int, resize: int) -> float:
+def evaluate(state, images: jax.Array, labels: jax.Array, batch_size: int, resize: int,
+             mesh) -> float:
     """Test accuracy in evaluation mode (BatchNorm running statistics)."""
-    correct = jnp.zeros((), jnp.int32)
-    for indices in sequential_batches(len(labels), batch_size):
-        correct = eval_step(state, correct, images, labels, indices, resize=resize)
+    correct = replicate(jnp.zeros((), jnp.int32), mesh)
+    for indices in sequential_batches(len(labels), batch_size, mesh):
+        correct = eval_step(state, correct, images, labels, indices, resize=resize, mesh=mesh)
     return int(correct) / len(labels)
 
 
-def warm_up(state, images: jax.Array, labels: jax.Array, run: RunConfig) -> float:
+def warm_up(state, images: jax.Array, labels: jax.Array, run: RunConfig, mesh) -> float:
     """Compile `train_step` for both batch shapes of an epoch (full and last partial) on a
     copy of the state, so that no epoch's timing includes compilation; returns seconds."""
     start = time.perf_counter()
     full = min(run.train.batch_size, len(labels))
     shapes = {full, len(labels) % full or full}
+    key = replicate(jax.random.key(0), mesh)
     for batch in sorted(shapes):
         copy = jax.tree.map(jnp.copy, state)  # train_step donates its state
-        out = train_step(copy, zero_metrics(), images, labels, jnp.arange(batch),
-                         jax.random.key(0), resize=run.train.resize, recipe=run.recipe)
+        out = train_step(copy, replicate(zero_metrics(), mesh), images, labels,
+                         replicate(np.arange(batch, dtype=np.int32), mesh), key,
+                         resize=run.train.resize, recipe=run.recipe, mesh=mesh)
         jax.block_until_ready(out)
     return time.perf_counter() - start
 
 
 def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = False,
-        log=print) -> list[dict]:
-    """Train as `run` says; returns one record per epoch (also in workdir/metrics.jsonl)."""
+        log=print, mesh=None) -> list[dict]:
+    """Train as `run` says, data-parallel over `mesh` (default: every device); returns one
+    record per epoch (also in workdir/metrics.jsonl).
+
+    In a multi-process run every process calls this alike; process 0 logs and writes the
+    files, and all of them take part in the checkpoints."""
     cfg, model_cfg = run.train, run.model
+    mesh = mesh or data_mesh()
+    lead = jax.process_index() == 0
+    log = log if lead else _silent
     train_split = splits["train"].head(cfg.limit_train) if cfg.limit_train else splits["train"]
     num_train = len(train_split)
     steps_per_epoch = math.ceil(num_train / cfg.batch_size)
     model = densenet_jax.DenseNet(model_cfg)
     optimizer = make_optimizer(run.recipe, steps_per_epoch, cfg.epochs)
     init_key, data_key = jax.random.split(jax.random.key(cfg.seed))
-    state = create_train_state(model, optimizer, init_key, cfg.resize)
+    state = replicate(create_train_state(model, optimizer, init_key, cfg.resize), mesh)
 
     workdir.mkdir(parents=True, exist_ok=True)
     mngr = checkpoint.manager(workdir)
@@ -72,27 +89,30 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
     if resume:
         state, start_epoch, data_key, history = checkpoint.restore(mngr, state, run_fields)
         log(f"resumed from epoch {start_epoch} in {mngr.directory}")
-    (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
-    _write_metrics(workdir, history)
+    data_key = replicate(data_key, mesh)
+    if lead:
+        (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+        _write_metrics(workdir, history)
 
-    # The whole split goes to the device once, as uint8.
-    train_images, train_labels = jnp.asarray(train_split.images), jnp.asarray(train_split.labels)
-    test_images, test_labels = jnp.asarray(splits["test"].images), jnp.asarray(splits["test"].labels)
-    show_progress = sys.stderr.isatty()
-    compile_seconds = warm_up(state, train_images, train_labels, run)
+    # The whole split goes to every device once, as uint8.
+    train_images, train_labels, test_images, test_labels = replicate(
+        (train_split.images, train_split.labels, splits["test"].images, splits["test"].labels),
+        mesh)
+    show_progress = lead and sys.stderr.isatty()
+    compile_seconds = warm_up(state, train_images, train_labels, run, mesh)
     log(f"train_step compiled in {compile_seconds:.1f} s")
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         epoch_key = jax.random.fold_in(data_key, epoch)
         batches = epoch_batches(epoch_key, num_train, cfg.batch_size)
-        metrics = zero_metrics()
+        metrics = replicate(zero_metrics(), mesh)
         jax.block_until_ready(state)
         start = time.perf_counter()
-        for step, indices in enumerate(tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}",
-                                            leave=False, disable=not show_progress)):
+        for indices in tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                            disable=not show_progress):
             state, metrics = train_step(state, metrics, train_images, train_labels, indices,
-                                        jax.random.fold_in(epoch_key, step), resize=cfg.resize,
-                                        recipe=run.recipe)
+                                        data_key, resize=cfg.resize, recipe=run.recipe,
+                                        mesh=mesh)
         metrics = jax.device_get(metrics)  # waits for the last step
         train_seconds = time.perf_counter() - start
         loss = float(metrics["loss_sum"]) / int(metrics["count"])
@@ -103,19 +123,21 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
                                      f"stopped; {kept}; lower --lr and start again")
         record = {"epoch": epoch, "loss": loss,
                   "train_acc": int(metrics["correct"]) / int(metrics["count"]),
-                  "test_acc": evaluate(state, test_images, test_labels, cfg.batch_size, cfg.resize),
+                  "test_acc": evaluate(state, test_images, test_labels, cfg.batch_size,
+                                       cfg.resize, mesh),
                   "examples_per_sec": num_train / train_seconds,
                   "train_seconds": train_seconds}
         history.append(record)
         checkpoint.save(mngr, epoch, state, data_key, history, run_fields)
-        _write_metrics(workdir, history)
-        plot_curves(history, workdir / "curves.png")
+        if lead:
+            _write_metrics(workdir, history)
+            plot_curves(history, workdir / "curves.png")
         log(f"epoch {epoch}/{cfg.epochs}: loss {loss:.3f}, train acc {record['train_acc']:.3f}, "
             f"test acc {record['test_acc']:.3f}, {record['examples_per_sec']:.1f} examples/sec")
     return history
 
 
-def summary(history: list[dict]) -> str:
+def summary(history: list[dict], mesh=None) -> str:
     """d2l's two closing lines: the last epoch's figures, and training examples per second
     of training-step time over all epochs (compilation excluded)."""
     last = history[-1]
@@ -123,7 +145,11 @@ def summary(history: list[dict]) -> str:
     seconds = sum(r["train_seconds"] for r in history)
     return (f"loss {last['loss']:.3f}, train acc {last['train_acc']:.3f}, "
             f"test acc {last['test_acc']:.3f}\n"
-            f"{examples / seconds:.1f} examples/sec on {device_name()}")
+            f"{examples / seconds:.1f} examples/sec on {device_name(mesh)}")
+
+
+def _silent(line: str) -> None:
+    """The log of processes other than 0: one voice per run."""
 
 
 def _write_metrics(workdir: Path, history: list[dict]) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from train.parallel import replicate
 
 PAD = 2  # random-crop padding, in pixels of the 28×28 original
 
@@ -44,6 +47,6 @@ def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> list[ja
     return _cut(jax.random.permutation(key, num_examples), batch_size)
 
 
-def sequential_batches(num_examples: int, batch_size: int) -> list[jax.Array]:
-    """The evaluation order: every example once, in order."""
-    return _cut(jnp.arange(num_examples), batch_size)
+def sequential_batches(num_examples: int, batch_size: int, mesh) -> list[jax.Array]:
+    """The evaluation order: every example once, in order, replicated on `mesh`."""
+    return _cut(replicate(np.arange(num_examples, dtype=np.int32), mesh), batch_size)

@@ -8,9 +8,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
+from jax.sharding import Mesh
 
 import densenet_jax
 from train.config import RecipeConfig
+from train.parallel import shard_batch
 from train.pipeline import preprocess, random_crop_and_flip
 
 
@@ -55,20 +57,21 @@ def zero_metrics() -> dict[str, jax.Array]:
             "count": jnp.zeros((), jnp.int32)}
 
 
-@functools.partial(jax.jit, static_argnames=("resize", "recipe"), donate_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnames=("resize", "recipe", "mesh"), donate_argnums=(0, 1))
 def train_step(state: TrainState, metrics: dict, images: jax.Array, labels: jax.Array,
-               indices: jax.Array, key: jax.Array, *, resize: int,
-               recipe: RecipeConfig) -> tuple[TrainState, dict]:
-    """One SGD step on the examples `indices` of the split held on the device.
+               indices: jax.Array, key: jax.Array, *, resize: int, recipe: RecipeConfig,
+               mesh: Mesh) -> tuple[TrainState, dict]:
+    """One SGD step on the examples `indices` of the split held on the devices.
 
-    images: (N, 28, 28, 1) uint8, labels: (N,) int32, indices: (B,) int32.
-    metrics accumulate the loss sum and correct count on the device.
+    images: (N, 28, 28, 1) uint8, labels: (N,) int32, indices: (B,) int32, all replicated
+    on `mesh`; the batch is split over its `data` axis. key: the run's data key; this
+    step's augmentation key is it folded with the step number, so a resumed run draws the
+    same crops. metrics accumulate the loss sum and correct count on the devices.
     """
-    batch = images[indices]
+    batch, y = shard_batch(images[indices], mesh), shard_batch(labels[indices], mesh)
     if recipe.augment:
-        batch = random_crop_and_flip(batch, key)
+        batch = random_crop_and_flip(batch, jax.random.fold_in(key, state.step))
     x = preprocess(batch, resize)
-    y = labels[indices]
 
     def loss_fn(params):
         logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
@@ -87,14 +90,14 @@ def train_step(state: TrainState, metrics: dict, images: jax.Array, labels: jax.
     return state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("resize",), donate_argnums=(1,))
+@functools.partial(jax.jit, static_argnames=("resize", "mesh"), donate_argnums=(1,))
 def eval_step(state: TrainState, correct: jax.Array, images: jax.Array, labels: jax.Array,
-              indices: jax.Array, *, resize: int) -> jax.Array:
+              indices: jax.Array, *, resize: int, mesh: Mesh) -> jax.Array:
     """Running count of correct predictions in evaluation mode (running statistics)."""
-    x = preprocess(images[indices], resize)
+    x = preprocess(shard_batch(images[indices], mesh), resize)
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x,
                             train=False)
-    return correct + jnp.sum(jnp.argmax(logits, -1) == labels[indices])
+    return correct + jnp.sum(jnp.argmax(logits, -1) == shard_batch(labels[indices], mesh))
 
 
 def checkpoint_tree(state: TrainState) -> dict:

@@ -1,0 +1,111 @@
+"""Data parallelism: a step sharded over 4 devices equals the one-device step, and two
+processes joined by jax.distributed (CPU collectives over 127.0.0.1) train alike.
+Each run is a fresh process: the device count and jax.distributed are fixed at start-up."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train.parallel import initialize_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("parallel_worker.py")
+
+
+def cpu_devices(n: int) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+
+
+def distributed_env(n_devices: int, port: int, process_id: int) -> dict:
+    return {**cpu_devices(n_devices), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(process_id)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finish(processes: list[subprocess.Popen]) -> list[str]:
+    """Wait for all; their stdout; fail with the stderr of the first that failed."""
+    outputs = [p.communicate(timeout=900) for p in processes]
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, f"exit {p.returncode}:\n{err[-4000:]}"
+    return [out for out, _ in outputs]
+
+
+def start(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def worker_results(tmp_path: Path, name: str, envs: list[dict], *args: str) -> list[dict]:
+    outs = [tmp_path / f"{name}{i}.npz" for i in range(len(envs))]
+    finish([start([str(WORKER), str(out), *args], env) for out, env in zip(outs, envs)])
+    return [dict(np.load(out)) for out in outs]
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    """Parameters, statistics and metrics equal within float64 reduction-order noise. Conv
+    biases feed training-mode BatchNorms, so their gradients are exactly zero and their
+    values after SGD are rounding noise around 0: those are checked for being ~0."""
+    names = [k for k in a if k.startswith("[")]
+    assert names and set(names) == {k for k in b if k.startswith("[")}
+    for name in names:
+        x, y = a[name].astype(np.float64), b[name].astype(np.float64)
+        if "['conv']['bias']" in name or name.endswith("['stem_conv']['bias']"):
+            assert np.abs(x).max() < 1e-12 and np.abs(y).max() < 1e-12, name
+        elif "count" in name or "correct" in name:
+            assert np.array_equal(x, y), name
+        else:
+            error = np.abs(x - y).max() / max(np.abs(y).max(), 1e-30)
+            assert error < 1e-9, f"{name}: relative difference {error:.2e}"
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    return worker_results(tmp_path_factory.mktemp("one"), "one", [cpu_devices(1)])[0]
+
+
+def test_sharded_step_equals_single_device_step(one_device, tmp_path):
+    [four] = worker_results(tmp_path, "four", [cpu_devices(4)])
+    assert int(one_device["mesh_size"]) == 1 and not one_device["all_reduce"]
+    assert int(four["mesh_size"]) == 4 and four["all_reduce"]  # really split over 4
+    assert_same_training(four, one_device)
+
+
+def test_two_processes_train_alike(one_device, tmp_path):
+    port = free_port()
+    first, second = worker_results(tmp_path, "proc", [distributed_env(2, port, i) for i in (0, 1)])
+    assert int(first["processes"]) == 2 and int(first["mesh_size"]) == 4 and first["all_reduce"]
+    for name in first:  # both processes hold the same replicated state, bit for bit
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+    assert_same_training(first, one_device)
+
+
+def test_two_process_cli_run(data_dir, tmp_path):
+    port = free_port()
+    args = ["-m", "train.main", "--data-dir", str(data_dir), "--workdir", str(tmp_path),
+            "--resize", "32", "--limit-train", "512", "--batch-size", "128", "--epochs", "1"]
+    lead, other = finish([start(args, distributed_env(1, port, i)) for i in (0, 1)])
+    assert lead.strip().splitlines()[-1].endswith("examples/sec on 2 × cpu (cpu), 2 processes")
+    assert "epoch" not in other and "examples/sec" not in other  # process 0 alone reports
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "two"},
+     "JAX_NUM_PROCESSES='two' is not a non-negative integer"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+     "JAX_PROCESS_ID=2 must be below JAX_NUM_PROCESSES=2"),
+])
+def test_bad_distributed_environment_is_named(env, message):
+    with pytest.raises(ValueError, match=message):
+        initialize_distributed(env)
+    assert initialize_distributed({}) is False
