@@ -108,11 +108,13 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
         metrics = replicate(zero_metrics(), mesh)
         jax.block_until_ready(state)
         start = time.perf_counter()
-        for indices in tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                            disable=not show_progress):
-            state, metrics = train_step(state, metrics, train_images, train_labels, indices,
-                                        data_key, resize=cfg.resize, recipe=run.recipe,
-                                        mesh=mesh)
+        # The epoch runs on the devices alone: any host transfer in it is an error.
+        with jax.transfer_guard("disallow"):
+            for indices in tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                                disable=not show_progress):
+                state, metrics = train_step(state, metrics, train_images, train_labels,
+                                            indices, data_key, resize=cfg.resize,
+                                            recipe=run.recipe, mesh=mesh)
         metrics = jax.device_get(metrics)  # waits for the last step
         train_seconds = time.perf_counter() - start
         loss = float(metrics["loss_sum"]) / int(metrics["count"])
