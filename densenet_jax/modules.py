@@ -12,6 +12,7 @@ mutable=["batch_stats"]` to train, `train=False` to evaluate with the running st
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -35,6 +36,74 @@ def symmetric_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int
     convolutions asymmetrically (2, 3) where PyTorch pads (3, 3)."""
     pad = kernel_size // 2
     return ((pad, pad), (pad, pad))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+             padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """PyTorch's `MaxPool2d`, gradient included: each output's gradient goes to the first
+    maximum of its window in row-major order (PyTorch's rule for ties).
+
+    x: (N, H, W, C) → (N, H', W', C), padded with -inf.
+    The forward pass is XLA's reduce-window; the derivative below replaces the generic
+    one, whose select-and-scatter materialises index arrays of the padded input's size.
+    """
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1),
+                                 ((0, 0), *padding, (0, 0)))
+
+
+@max_pool.defjvp
+def _max_pool_jvp(window, strides, padding, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = max_pool(x, window, strides, padding)
+    pads = ((0, 0), *padding, (0, 0))
+    x_padded = jnp.pad(x, pads, constant_values=-jnp.inf)
+    offsets = [(i, j) for i in range(window[0]) for j in range(window[1])]
+
+    def view(padded, i, j):
+        """Window offset (i, j) of every output window: a strided slice, (N, H', W', C)."""
+        limit = (y.shape[0], i + strides[0] * (y.shape[1] - 1) + 1,
+                 j + strides[1] * (y.shape[2] - 1) + 1, y.shape[3])
+        return jax.lax.slice(padded, (0, i, j, 0), limit, (1, *strides, 1))
+
+    # The row-major index of each window's first maximum, once, as int8.
+    first = jnp.full(y.shape, len(offsets), jnp.int8)
+    for k, (i, j) in reversed(list(enumerate(offsets))):
+        first = jnp.where(view(x_padded, i, j) == y, jnp.int8(k), first)
+
+    def route(first, dx_padded):
+        """dy: each output takes the tangent at its window's first maximum."""
+        dy = jnp.zeros_like(y)
+        for k, (i, j) in enumerate(offsets):
+            dy = jnp.where(first == k, view(dx_padded, i, j), dy)
+        return dy
+
+    def route_transpose(first, dy):
+        """The backward pass, (N, H', W', C) → padded input: one sublattice of the input
+        per stride residue, each a sum of shifted, masked copies of dy at the output's
+        resolution, then interleaved. (JAX's own transpose of `route` would pad each of
+        the window's offsets to the full input size.)"""
+        (s0, s1), (hp, wp) = strides, x_padded.shape[1:3]
+        rows, cols = -(-hp // s0), -(-wp // s1)
+        lattices = []
+        for r0 in range(s0):
+            for r1 in range(s1):
+                lattice = jnp.zeros((y.shape[0], rows, cols, y.shape[3]), y.dtype)
+                for k, (i, j) in enumerate(offsets):
+                    if (i % s0, j % s1) == (r0, r1):
+                        a, b = i // s0, j // s1
+                        lattice = lattice + jnp.pad(
+                            jnp.where(first == k, dy, jnp.zeros_like(dy)),
+                            ((0, 0), (a, rows - a - y.shape[1]), (b, cols - b - y.shape[2]),
+                             (0, 0)))
+                lattices.append(lattice)
+        # (N, rows, s0, cols, s1, C) → (N, rows·s0, cols·s1, C), cropped to the padded input.
+        grid = jnp.stack(lattices, axis=2).reshape(y.shape[0], rows, s0, s1, cols, y.shape[3])
+        grid = grid.transpose(0, 1, 2, 4, 3, 5).reshape(y.shape[0], rows * s0, cols * s1, -1)
+        return grid[:, :hp, :wp]
+
+    dx_padded = jnp.pad(dx, pads)
+    return y, jax.custom_derivatives.linear_call(route, route_transpose, first, dx_padded)
 
 
 class BatchNorm(nn.Module):
@@ -183,7 +252,7 @@ class DenseNet(nn.Module):
                     use_bias=cfg.conv_bias, dtype=dtype, param_dtype=cfg.param_dtype,
                     kernel_init=kernel_init, name="stem_conv")(x)
         x = nn.relu(BatchNorm(dtype=dtype, name="stem_norm")(x, train))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=symmetric_padding(3))
+        x = max_pool(x, (3, 3), (2, 2), symmetric_padding(3))
         bottleneck_width = cfg.bottleneck_width if cfg.bottleneck else None
         for index, num_convs in enumerate(cfg.block_config):
             x = DenseBlock(num_convs, cfg.growth_rate, bottleneck_width, cfg.conv_bias, dtype,
