@@ -12,10 +12,13 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
+import torch
 
 import densenet_jax
 from densenet_jax.crosscheck import crosscheck, tolerances
+from densenet_jax.modules import max_pool
 
 
 def assert_within_tolerance(errors, config):
@@ -92,3 +95,32 @@ def test_crosscheck_command_bad_input(args, message):
     result = run_crosscheck(*args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("shape, window, strides, padding", [
+    ((3, 16, 16, 5), (3, 3), (2, 2), 1),   # the stem's pool
+    ((2, 17, 15, 3), (3, 3), (2, 2), 1),   # odd sizes: windows cut by the border
+    ((2, 9, 9, 2), (2, 2), (2, 2), 0),
+    ((2, 10, 11, 2), (3, 2), (1, 2), 0),
+])
+def test_max_pool_gradient_is_pytorchs_on_ties(shape, window, strides, padding):
+    # Small integers: most windows hold several equal maxima, where PyTorch gives the
+    # whole gradient to the first one in row-major order.
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, shape).astype(np.float64)
+    pads = ((padding, padding), (padding, padding))
+    with jax.enable_x64(True):
+        pool = lambda v: max_pool(v, window, strides, pads)  # noqa: E731
+        y, vjp = jax.vjp(pool, x)
+        g = rng.normal(size=y.shape)
+        (dx,) = vjp(g)
+        t = rng.normal(size=shape)
+        _, jt = jax.jvp(pool, (x,), (t,))
+        y, dx, jt = np.asarray(y), np.asarray(dx), np.asarray(jt)
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    yt = torch.nn.functional.max_pool2d(xt, window, strides, padding)
+    yt.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+    np.testing.assert_array_equal(y, yt.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(dx, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-12)
+    # Forward mode is the transpose of reverse mode: <g, J t> = <Jᵀ g, t>.
+    assert abs(np.sum(g * jt) - np.sum(dx * t)) < 1e-10
