@@ -100,6 +100,7 @@ def test_two_process_cli_run(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("env, message", [
+    ({"JAX_COORDINATOR_ADDRESS": "localhost"}, "JAX_COORDINATOR_ADDRESS='localhost' is not host:port"),
     ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "two"},
      "JAX_NUM_PROCESSES='two' is not a non-negative integer"),
     ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},

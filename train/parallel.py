@@ -26,8 +26,13 @@ def initialize_distributed(environ=os.environ) -> bool:
     """`jax.distributed.initialize()` when JAX_COORDINATOR_ADDRESS (host:port of process 0)
     is set, with JAX_NUM_PROCESSES and JAX_PROCESS_ID where given; returns whether it did.
     ValueError, in one line, for a malformed value."""
-    if not environ.get("JAX_COORDINATOR_ADDRESS"):
+    address = environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address:
         return False
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"JAX_COORDINATOR_ADDRESS={address!r} is not host:port; set it to "
+                         f"the address of process 0, e.g. 10.0.0.1:12345")
     counts = {}
     for name, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
         value = environ.get(name)
@@ -40,7 +45,12 @@ def initialize_distributed(environ=os.environ) -> bool:
     if counts.get("process_id", 0) >= counts.get("num_processes", 1 << 30):
         raise ValueError(f"JAX_PROCESS_ID={counts['process_id']} must be below "
                          f"JAX_NUM_PROCESSES={counts['num_processes']}")
-    jax.distributed.initialize(**counts)
+    try:
+        jax.distributed.initialize(**counts)
+    except RuntimeError as error:  # the coordinator's gRPC status, several lines long
+        raise ValueError(f"could not join the run at JAX_COORDINATOR_ADDRESS={address}: "
+                         f"{str(error).splitlines()[0]}; check that process 0 is running "
+                         f"and reachable") from error
     return True
 
 
