@@ -17,15 +17,11 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
-# What `initialize_distributed` reads; clusters that jax detects by itself (SLURM, Open MPI,
-# Kubernetes, Cloud TPU) fill in the ones they know.
-DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-
-
 def initialize_distributed(environ=os.environ) -> bool:
     """`jax.distributed.initialize()` when JAX_COORDINATOR_ADDRESS (host:port of process 0)
-    is set, with JAX_NUM_PROCESSES and JAX_PROCESS_ID where given; returns whether it did.
-    ValueError, in one line, for a malformed value."""
+    is set, with JAX_NUM_PROCESSES and JAX_PROCESS_ID where given (clusters that jax
+    detects itself, SLURM, Open MPI, Kubernetes, Cloud TPU, fill in the rest); returns
+    whether it did. ValueError, in one line, for a malformed value or a failed join."""
     address = environ.get("JAX_COORDINATOR_ADDRESS")
     if not address:
         return False
