@@ -27,7 +27,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--mesh-devices", type=int, help="the first K devices only")
-    parser.add_argument("--recipe", default="strong")
     args = parser.parse_args()
     # float64, so that the comparison tests the parallelism, not float32 reduction order.
     jax.config.update("jax_enable_x64", True)
@@ -36,7 +35,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (100, 28, 28, 1), dtype=np.uint8)
     labels = rng.integers(0, 10, 100).astype(np.int32)
-    recipe = RECIPES[args.recipe]
+    recipe = RECIPES["strong"]
     state = create_train_state(densenet_jax.DenseNet(densenet_jax.preset("d2l", dtype="float64")),
                                make_optimizer(recipe, len(BATCHES), 2), jax.random.key(0), 32)
     state, metrics, images, labels, key = replicate(

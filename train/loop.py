@@ -38,11 +38,12 @@ def device_name(mesh=None) -> str:
             + (f", {processes} processes" if processes > 1 else ""))
 
 
-def evaluate(state, images: jax.Array, labels: jax.Array, batch_size: int, resize: int,
-             mesh) -> float:
-    """Test accuracy in evaluation mode (BatchNorm running statistics)."""
+def evaluate(state, images: jax.Array, labels: jax.Array, batches: list[jax.Array],
+             resize: int, mesh) -> float:
+    """Test accuracy in evaluation mode (BatchNorm running statistics) over `batches`,
+    which hold every example once (`sequential_batches`)."""
     correct = replicate(jnp.zeros((), jnp.int32), mesh)
-    for indices in sequential_batches(len(labels), batch_size, mesh):
+    for indices in batches:
         correct = eval_step(state, correct, images, labels, indices, resize=resize, mesh=mesh)
     return int(correct) / len(labels)
 
@@ -98,6 +99,8 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
     train_images, train_labels, test_images, test_labels = replicate(
         (train_split.images, train_split.labels, splits["test"].images, splits["test"].labels),
         mesh)
+    # The evaluation order never changes: cut and placed on the devices once.
+    test_batches = sequential_batches(len(splits["test"]), cfg.batch_size, mesh)
     show_progress = lead and sys.stderr.isatty()
     compile_seconds = warm_up(state, train_images, train_labels, run, mesh)
     log(f"train_step compiled in {compile_seconds:.1f} s")
@@ -125,7 +128,7 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
                                      f"stopped; {kept}; lower --lr and start again")
         record = {"epoch": epoch, "loss": loss,
                   "train_acc": int(metrics["correct"]) / int(metrics["count"]),
-                  "test_acc": evaluate(state, test_images, test_labels, cfg.batch_size,
+                  "test_acc": evaluate(state, test_images, test_labels, test_batches,
                                        cfg.resize, mesh),
                   "examples_per_sec": num_train / train_seconds,
                   "train_seconds": train_seconds}
