@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from densenet_jax.config import DenseNetConfig, param_dtype, transition_channels
@@ -36,6 +37,47 @@ def symmetric_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int
     convolutions asymmetrically (2, 3) where PyTorch pads (3, 3)."""
     pad = kernel_size // 2
     return ((pad, pad), (pad, pad))
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
+                         lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count: int = 1, precision=None) -> jax.Array:
+    """`jax.lax.conv_general_dilated`, except that a 2-D NHWC convolution over an image with
+    fewer pixels than the kernel has taps (3×3 kernels on the 2×2 and 1×1 maps at the end
+    of a DenseNet on 32×32 inputs) runs as one matrix product.
+
+    lhs: (N, H, W, C_in), rhs: (kh, kw, C_in, C_out) → (N, H', W', C_out).
+    Such an image is small enough that every output pixel sees the whole of it: the
+    convolution is the linear map (H·W·C_in) → (H'·W'·C_out) whose matrix gathers the
+    kernel's taps, no more multiplications than the convolution's own. XLA:CPU's
+    convolution is 6–10× slower than that product at these sizes (2×2×208 → 32, batch
+    256: 19.7 ms → 1.9 ms forward and backward). Any other convolution goes to XLA.
+    """
+    dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    nhwc = dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                                               ("NHWC", "HWIO", "NHWC"))
+    if (lhs.ndim != 4 or dilated or feature_group_count != 1 or isinstance(padding, str)
+            or not nhwc or lhs.shape[1] * lhs.shape[2] >= rhs.shape[0] * rhs.shape[1]):
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, precision=precision)
+    (n, h, w, c), (kh, kw, _, features) = lhs.shape, rhs.shape
+    (top, bottom), (left, right) = padding
+    out_h, out_w = ((h + top + bottom - kh) // window_strides[0] + 1,
+                    (w + left + right - kw) // window_strides[1] + 1)
+    taps_h = _taps(h, out_h, kh, window_strides[0], top, rhs.dtype)
+    taps_w = _taps(w, out_w, kw, window_strides[1], left, rhs.dtype)
+    matrix = jnp.einsum("aiu,bjv,uvco->abcijo", taps_h, taps_w, rhs)
+    y = jnp.dot(lhs.reshape(n, h * w * c), matrix.reshape(h * w * c, out_h * out_w * features),
+                precision=precision)
+    return y.reshape(n, out_h, out_w, features)
+
+
+def _taps(size: int, out_size: int, kernel: int, stride: int, pad: int, dtype) -> jax.Array:
+    """(size, out_size, kernel) one-hot: input position a reaches output position i
+    through kernel tap u when a = i·stride + u − pad (a tap on padding reaches nothing)."""
+    a, i, u = np.ogrid[:size, :out_size, :kernel]
+    return jnp.asarray(a == i * stride + u - pad, dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
@@ -161,7 +203,8 @@ class ConvBlock(nn.Module):
         x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
                     padding=symmetric_padding(self.kernel_size), use_bias=self.use_bias,
                     dtype=self.dtype, param_dtype=param_dtype(self.dtype),
-                    kernel_init=kernel_init, name="conv")(x)
+                    kernel_init=kernel_init, conv_general_dilated=conv_general_dilated,
+                    name="conv")(x)
         return checkpoint_name(x, CONV_OUTPUT)
 
 
@@ -250,7 +293,8 @@ class DenseNet(nn.Module):
         dtype = cfg.compute_dtype
         x = nn.Conv(cfg.stem_channels, (7, 7), strides=(2, 2), padding=symmetric_padding(7),
                     use_bias=cfg.conv_bias, dtype=dtype, param_dtype=cfg.param_dtype,
-                    kernel_init=kernel_init, name="stem_conv")(x)
+                    kernel_init=kernel_init, conv_general_dilated=conv_general_dilated,
+                    name="stem_conv")(x)
         x = nn.relu(BatchNorm(dtype=dtype, name="stem_norm")(x, train))
         x = max_pool(x, (3, 3), (2, 2), symmetric_padding(3))
         bottleneck_width = cfg.bottleneck_width if cfg.bottleneck else None

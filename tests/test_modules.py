@@ -244,3 +244,30 @@ def test_jitted_apply_is_traced_once():
 
     for seed in range(3):
         predict(variables, jax.random.uniform(jax.random.key(seed), (2, 32, 32, 1)))
+
+
+@pytest.mark.parametrize("image, kernel, strides, padding", [
+    ((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1))),  # d2l's last blocks at 32×32 input
+    ((1, 1), (3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((2, 3), (3, 3), (2, 2), ((0, 2), (1, 0))),  # strided, asymmetric padding
+    ((4, 4), (7, 7), (2, 2), ((3, 3), (3, 3))),  # the stem on a tiny image
+    ((5, 5), (3, 3), (1, 1), ((1, 1), (1, 1))),  # more pixels than taps: XLA's convolution
+])
+def test_small_image_convolution_equals_xla(image, kernel, strides, padding):
+    from densenet_jax.modules import conv_general_dilated
+
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        x, w = rng.normal(size=(3, *image, 4)), rng.normal(size=(*kernel, 4, 5))
+        numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+        ours = lambda x, w: conv_general_dilated(x, w, strides, padding,  # noqa: E731
+                                                 dimension_numbers=numbers)
+        xla = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding,  # noqa: E731
+                                                        dimension_numbers=numbers)
+        y, vjp = jax.vjp(ours, x, w)
+        y_xla, vjp_xla = jax.vjp(xla, x, w)
+        g = rng.normal(size=y.shape)
+        chex.assert_trees_all_close((y, *vjp(g)), (y_xla, *vjp_xla(g)), rtol=1e-12, atol=1e-12)
+        # A matrix product only where the image has fewer pixels than the kernel taps.
+        hlo = jax.jit(ours).lower(x, w).as_text()
+        assert ("convolution" in hlo) == (image[0] * image[1] >= kernel[0] * kernel[1])
