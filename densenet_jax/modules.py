@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.custom_derivatives import SymbolicZero
 
 from densenet_jax.config import DenseNetConfig, param_dtype, transition_channels
 
@@ -148,8 +149,76 @@ def _max_pool_jvp(window, strides, padding, primals, tangents):
     return y, jax.custom_derivatives.linear_call(route, route_transpose, first, dx_padded)
 
 
+# The statistics, normalisation and derivative below read x through different views:
+# (M, C) to normalise, (M', W, C) for the variance, (N, H, W, C) in the backward pass.
+# XLA merges identical broadcasts of a per-channel vector (the mean, the scale) wherever
+# they occur, forward and backward alike, and on the CPU its YNNPACK fusions then write
+# such a shared broadcast out as a full-size array; a broadcast to a shape of its own stays
+# inside its fusion.
+
+
+def batch_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Batch mean and biased variance of each channel, in two passes as PyTorch (no
+    E[x²] − E[x]², which cancels when |mean| >> std). x: (..., C) → (C,), (C,)."""
+    mean = jnp.mean(x.reshape(-1, x.shape[-1]), 0)
+    var = jnp.mean(jnp.square(x.reshape(-1, *x.shape[-2:]) - mean), (0, 1))
+    return mean, var
+
+
+def normalize(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array,
+              bias: jax.Array, epsilon: float, relu: bool) -> jax.Array:
+    """(x − mean) / √(var + ε) · scale + bias, then ReLU if asked. x: (..., C).
+
+    (x − mean) first, as PyTorch does: folding the mean into the shift,
+    x · m + (bias − mean · m), cancels catastrophically when |mean| >> std."""
+    y = (x.reshape(-1, x.shape[-1]) - mean) * (scale * jax.lax.rsqrt(var + epsilon)) + bias
+    return (jnp.maximum(y, 0) if relu else y).reshape(x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_relu(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                    epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """ReLU(BatchNorm(x)) with the batch's statistics (training mode), and those statistics.
+
+    x: (..., C), scale and bias: (C,) → y like x, mean (C,), biased variance (C,).
+    Reverse mode only. Its derivative keeps x and y for the backward pass and recomputes
+    the normalised input there, in three passes over the activations (the ReLU mask,
+    the two channel sums, the input gradient); differentiating the composition instead
+    saves and re-reads several intermediates of x's size.
+    """
+    mean, var = batch_statistics(x)
+    return normalize(x, mean, var, scale, bias, epsilon, relu=True), mean, var
+
+
+def _batch_norm_relu_fwd(x, scale, bias, epsilon):
+    x, scale, bias = x.value, scale.value, bias.value
+    y, mean, var = batch_norm_relu(x, scale, bias, epsilon)
+    return (y, mean, var), (x, y, mean, var, scale)
+
+
+def _batch_norm_relu_bwd(epsilon, residuals, cotangents):
+    x, y, mean, var, scale = residuals
+    dy, dmean, dvar = cotangents
+    axes, n = tuple(range(x.ndim - 1)), x.size // x.shape[-1]
+    rstd = jax.lax.rsqrt(var + epsilon)
+    x_hat = x * rstd - mean * rstd  # a backward-only expression: see the note on views
+    g = jnp.zeros_like(x) if isinstance(dy, SymbolicZero) else jnp.where(y > 0, dy, 0)
+    dbias, dscale = jnp.sum(g, axes), jnp.sum(g * x_hat, axes)
+    dx = (scale * rstd) * (g - dbias / n - x_hat * (dscale / n))
+    # The statistics' own cotangents: zero in training (they only feed batch_stats).
+    if not isinstance(dmean, SymbolicZero):
+        dx = dx + dmean / n
+    if not isinstance(dvar, SymbolicZero):
+        dx = dx + (x - mean) * (2 * dvar / n)
+    return dx, dscale, dbias
+
+
+batch_norm_relu.defvjp(_batch_norm_relu_fwd, _batch_norm_relu_bwd, symbolic_zeros=True)
+
+
 class BatchNorm(nn.Module):
-    """PyTorch's BatchNorm2d semantics over the channel (last) axis.
+    """PyTorch's BatchNorm2d semantics over the channel (last) axis, optionally followed
+    by ReLU (`relu=True`, as everywhere in d2l's DenseNet: one fused operation in training).
 
     Flax's `nn.BatchNorm` keeps the *biased* batch variance in its running average;
     PyTorch keeps the unbiased one (× n / (n - 1)). This module follows PyTorch so that
@@ -163,6 +232,7 @@ class BatchNorm(nn.Module):
     momentum: float = 0.1  # PyTorch's convention: new = (1 - momentum) * old + momentum * batch
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
+    relu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -172,20 +242,21 @@ class BatchNorm(nn.Module):
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), stats_dtype)
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), stats_dtype)
         x = x.astype(stats_dtype)
-        if train:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x, axes)
-            var = jnp.mean(jnp.square(x - mean), axes)
-            if not self.is_initializing():
-                n = x.size // features
-                unbiased_var = var * (n / max(n - 1, 1))
-                running_mean.value += self.momentum * (mean - running_mean.value)
-                running_var.value += self.momentum * (unbiased_var - running_var.value)
+        if not train:
+            y = normalize(x, running_mean.value, running_var.value, scale, bias, self.epsilon,
+                          self.relu)
+            return y.astype(self.dtype)
+        if self.relu:
+            y, mean, var = batch_norm_relu(x, scale, bias, self.epsilon)
         else:
-            mean, var = running_mean.value, running_var.value
-        # (x - mean) first, as PyTorch does: folding the mean into the shift,
-        # x * m + (bias - mean * m), cancels catastrophically when |mean| >> std.
-        return ((x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias).astype(self.dtype)
+            mean, var = batch_statistics(x)
+            y = normalize(x, mean, var, scale, bias, self.epsilon, relu=False)
+        if not self.is_initializing():
+            n = x.size // features
+            unbiased_var = var * (n / max(n - 1, 1))
+            running_mean.value += self.momentum * (mean - running_mean.value)
+            running_var.value += self.momentum * (unbiased_var - running_var.value)
+        return y.astype(self.dtype)
 
 
 class ConvBlock(nn.Module):
@@ -199,7 +270,7 @@ class ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.relu(BatchNorm(dtype=self.dtype, name="norm")(x, train))
+        x = BatchNorm(dtype=self.dtype, relu=True, name="norm")(x, train)
         x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
                     padding=symmetric_padding(self.kernel_size), use_bias=self.use_bias,
                     dtype=self.dtype, param_dtype=param_dtype(self.dtype),
@@ -295,7 +366,7 @@ class DenseNet(nn.Module):
                     use_bias=cfg.conv_bias, dtype=dtype, param_dtype=cfg.param_dtype,
                     kernel_init=kernel_init, conv_general_dilated=conv_general_dilated,
                     name="stem_conv")(x)
-        x = nn.relu(BatchNorm(dtype=dtype, name="stem_norm")(x, train))
+        x = BatchNorm(dtype=dtype, relu=True, name="stem_norm")(x, train)
         x = max_pool(x, (3, 3), (2, 2), symmetric_padding(3))
         bottleneck_width = cfg.bottleneck_width if cfg.bottleneck else None
         for index, num_convs in enumerate(cfg.block_config):
@@ -304,7 +375,7 @@ class DenseNet(nn.Module):
             if index < len(cfg.block_config) - 1:
                 x = TransitionBlock(transition_channels(x.shape[-1], cfg.compression),
                                     cfg.conv_bias, dtype, name=f"transition{index + 1}")(x, train)
-        x = nn.relu(BatchNorm(dtype=dtype, name="head_norm")(x, train))
+        x = BatchNorm(dtype=dtype, relu=True, name="head_norm")(x, train)
         x = jnp.max(x, axis=(1, 2)) if cfg.global_pool == "max" else jnp.mean(x, axis=(1, 2))
         x = nn.Dense(cfg.num_classes, dtype=dtype, param_dtype=cfg.param_dtype,
                      kernel_init=kernel_init, name="classifier")(x)

@@ -271,3 +271,36 @@ def test_small_image_convolution_equals_xla(image, kernel, strides, padding):
         # A matrix product only where the image has fewer pixels than the kernel taps.
         hlo = jax.jit(ours).lower(x, w).as_text()
         assert ("convolution" in hlo) == (image[0] * image[1] >= kernel[0] * kernel[1])
+
+
+@pytest.mark.parametrize("statistics_cotangents", [False, True])
+def test_batch_norm_relu_derivative_equals_the_compositions(statistics_cotangents):
+    from densenet_jax.modules import batch_norm_relu
+
+    def composition(x, scale, bias):
+        mean = x.mean((0, 1, 2))
+        var = ((x - mean) ** 2).mean((0, 1, 2))
+        return jax.nn.relu((x - mean) / jnp.sqrt(var + 1e-5) * scale + bias), mean, var
+
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        # Off-centre input, scales of both signs: many outputs on each side of the ReLU.
+        x = rng.normal(size=(3, 4, 5, 6)) * 2 + 5
+        scale, bias = rng.normal(size=6), rng.normal(size=6)
+        weights = [rng.normal(size=shape) for shape in ((3, 4, 5, 6), (6,), (6,))]
+
+        def loss(f):
+            def value(x, scale, bias):
+                y, mean, var = f(x, scale, bias)
+                total = jnp.sum(y * weights[0])
+                if statistics_cotangents:
+                    total += jnp.sum(mean * weights[1]) + jnp.sum(var * weights[2])
+                return total
+            return value
+
+        fused = lambda x, scale, bias: batch_norm_relu(x, scale, bias, 1e-5)  # noqa: E731
+        chex.assert_trees_all_close(fused(x, scale, bias), composition(x, scale, bias),
+                                    rtol=1e-12, atol=1e-12)
+        chex.assert_trees_all_close(jax.grad(loss(fused), (0, 1, 2))(x, scale, bias),
+                                    jax.grad(loss(composition), (0, 1, 2))(x, scale, bias),
+                                    rtol=1e-10, atol=1e-12)
