@@ -201,7 +201,7 @@ def _batch_norm_relu_bwd(epsilon, residuals, cotangents):
     dy, dmean, dvar = cotangents
     axes, n = tuple(range(x.ndim - 1)), x.size // x.shape[-1]
     rstd = jax.lax.rsqrt(var + epsilon)
-    x_hat = x * rstd - mean * rstd  # a backward-only expression: see the note on views
+    x_hat = (x - mean) * rstd  # (N, H, W, C): see the note on views
     g = jnp.zeros_like(x) if isinstance(dy, SymbolicZero) else jnp.where(y > 0, dy, 0)
     dbias, dscale = jnp.sum(g, axes), jnp.sum(g * x_hat, axes)
     dx = (scale * rstd) * (g - dbias / n - x_hat * (dscale / n))
