@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import densenet_jax
 from densenet_jax import ConvBlock, DenseBlock, DenseNet, TransitionBlock
+from densenet_jax.modules import batch_norm_relu, conv_general_dilated
 
 
 def init_apply(module, x, train=False):
@@ -254,8 +255,6 @@ def test_jitted_apply_is_traced_once():
     ((5, 5), (3, 3), (1, 1), ((1, 1), (1, 1))),  # more pixels than taps: XLA's convolution
 ])
 def test_small_image_convolution_equals_xla(image, kernel, strides, padding):
-    from densenet_jax.modules import conv_general_dilated
-
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
         x, w = rng.normal(size=(3, *image, 4)), rng.normal(size=(*kernel, 4, 5))
@@ -275,8 +274,6 @@ def test_small_image_convolution_equals_xla(image, kernel, strides, padding):
 
 @pytest.mark.parametrize("statistics_cotangents", [False, True])
 def test_batch_norm_relu_derivative_equals_the_compositions(statistics_cotangents):
-    from densenet_jax.modules import batch_norm_relu
-
     def composition(x, scale, bias):
         mean = x.mean((0, 1, 2))
         var = ((x - mean) ** 2).mean((0, 1, 2))
