@@ -33,8 +33,9 @@ class DenseNetConfig:
       dtype: compute dtype, "float32" or "bfloat16"; parameters, BatchNorm statistics and
         logits stay float32. "float64" (everything in float64, with `jax_enable_x64`) serves
         exact comparisons with the PyTorch reference.
-      remat: recompute each dense layer's BN/ReLU/concat in the backward pass, saving only
-        convolution outputs (memory-efficient DenseNet, Pleiss et al., 2017).
+      remat: recompute each dense layer (concat, BN, ReLU, convolutions) in the backward
+        pass from its input features, which the block keeps anyway (memory-efficient
+        DenseNet, Pleiss et al., 2017).
     """
 
     stem_channels: int = 64
