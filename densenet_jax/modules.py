@@ -266,12 +266,11 @@ class ConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = BatchNorm(dtype=self.dtype, relu=True, name="norm")(x, train)
-        x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
-                    padding=symmetric_padding(self.kernel_size), use_bias=self.use_bias,
-                    dtype=self.dtype, param_dtype=param_dtype(self.dtype),
-                    kernel_init=kernel_init, conv_general_dilated=conv_general_dilated,
-                    name="conv")(x)
-        return x
+        return nn.Conv(self.features, (self.kernel_size, self.kernel_size),
+                       padding=symmetric_padding(self.kernel_size), use_bias=self.use_bias,
+                       dtype=self.dtype, param_dtype=param_dtype(self.dtype),
+                       kernel_init=kernel_init, conv_general_dilated=conv_general_dilated,
+                       name="conv")(x)
 
 
 class DenseLayer(nn.Module):

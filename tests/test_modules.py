@@ -209,9 +209,9 @@ def test_remat_gives_the_same_loss_gradients_and_statistics():
     chex.assert_trees_all_close(stats, stats_r, rtol=1e-12)
 
 
-def residual_bytes(cfg, batch, size):
-    """Bytes JAX keeps from the forward pass for the backward pass (the leaves of the
-    VJP closure) of a training-mode forward."""
+def training_forward(cfg, batch, size):
+    """The training-mode forward of `cfg` on ones of shape (batch, size, size, C), as a
+    function of the parameters, and the initial parameters."""
     model = DenseNet(cfg)
     x = jnp.ones((batch, size, size, cfg.in_channels))
     variables = model.init(jax.random.key(0), x, train=False)
@@ -220,7 +220,14 @@ def residual_bytes(cfg, batch, size):
         return model.apply({**variables, "params": params}, x, train=True,
                            mutable=["batch_stats"])[0]
 
-    _, vjp_fn = jax.vjp(forward, variables["params"])
+    return forward, variables["params"]
+
+
+def residual_bytes(cfg, batch, size):
+    """Bytes JAX keeps from the forward pass for the backward pass (the leaves of the
+    VJP closure) of a training-mode forward."""
+    forward, params = training_forward(cfg, batch, size)
+    _, vjp_fn = jax.vjp(forward, params)
     return sum(leaf.nbytes for leaf in jax.tree.leaves(vjp_fn))
 
 
@@ -233,16 +240,8 @@ def test_remat_keeps_fewer_residuals_for_the_backward_pass():
 
 def compiled_temp_bytes(cfg, batch, size):
     """XLA's temporary memory for the compiled gradient of a training-mode forward."""
-    model = DenseNet(cfg)
-    x = jnp.ones((batch, size, size, cfg.in_channels))
-    variables = model.init(jax.random.key(0), x, train=False)
-
-    def loss(params):
-        logits, _ = model.apply({**variables, "params": params}, x, train=True,
-                                mutable=["batch_stats"])
-        return logits.sum()
-
-    compiled = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
+    forward, params = training_forward(cfg, batch, size)
+    compiled = jax.jit(jax.grad(lambda p: forward(p).sum())).lower(params).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 
