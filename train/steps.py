@@ -83,6 +83,11 @@ def train_step(state: TrainState, metrics: dict, images: jax.Array, labels: jax.
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # Gradients complete before the update: XLA:CPU would otherwise fuse the update's
+    # multiply by the learning rate into the convolutions that compute the weight
+    # gradients, and YNNPACK runs such a fused convolution much slower (3×3 kernels over
+    # 256×8×8×160 activations: 15 → 25 ms); d2l steps at batch 256, 32×32, 1.11× faster.
+    grads = jax.lax.optimization_barrier(grads)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {"loss_sum": metrics["loss_sum"] + loss * y.shape[0],
                "correct": metrics["correct"] + jnp.sum(jnp.argmax(logits, -1) == y),
