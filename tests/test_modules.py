@@ -267,14 +267,17 @@ def test_jitted_apply_is_traced_once():
         predict(variables, jax.random.uniform(jax.random.key(seed), (2, 32, 32, 1)))
 
 
-@pytest.mark.parametrize("image, kernel, strides, padding", [
-    ((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1))),  # d2l's last blocks at 32×32 input
-    ((1, 1), (3, 3), (1, 1), ((1, 1), (1, 1))),
-    ((2, 3), (3, 3), (2, 2), ((0, 2), (1, 0))),  # strided, asymmetric padding
-    ((4, 4), (7, 7), (2, 2), ((3, 3), (3, 3))),  # the stem on a tiny image
-    ((5, 5), (3, 3), (1, 1), ((1, 1), (1, 1))),  # more pixels than taps: XLA's convolution
+@pytest.mark.parametrize("image, kernel, strides, padding, product", [
+    ((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), True),  # d2l's last blocks at 32×32 input
+    ((1, 1), (3, 3), (1, 1), ((1, 1), (1, 1)), True),
+    ((2, 3), (3, 3), (2, 2), ((0, 2), (1, 0)), True),  # strided, asymmetric padding
+    ((4, 4), (7, 7), (2, 2), ((3, 3), (3, 3)), True),  # the stem on a tiny image
+    ((5, 5), (1, 1), (1, 1), ((0, 0), (0, 0)), True),  # a transition's 1×1 convolution
+    ((5, 5), (3, 3), (1, 1), ((1, 1), (1, 1)), False),  # more pixels than taps: XLA's
+    ((5, 5), (1, 1), (2, 2), ((0, 0), (0, 0)), False),  # 1×1 but strided: XLA's
+    ((5, 5), (1, 1), (1, 1), ((1, 0), (0, 1)), False),  # 1×1 but padded: XLA's
 ])
-def test_small_image_convolution_equals_xla(image, kernel, strides, padding):
+def test_convolutions_as_matrix_products_equal_xla(image, kernel, strides, padding, product):
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
         x, w = rng.normal(size=(3, *image, 4)), rng.normal(size=(*kernel, 4, 5))
@@ -287,9 +290,8 @@ def test_small_image_convolution_equals_xla(image, kernel, strides, padding):
         y_xla, vjp_xla = jax.vjp(xla, x, w)
         g = rng.normal(size=y.shape)
         chex.assert_trees_all_close((y, *vjp(g)), (y_xla, *vjp_xla(g)), rtol=1e-12, atol=1e-12)
-        # A matrix product only where the image has fewer pixels than the kernel taps.
         hlo = jax.jit(ours).lower(x, w).as_text()
-        assert ("convolution" in hlo) == (image[0] * image[1] >= kernel[0] * kernel[1])
+        assert ("convolution" in hlo) == (not product)
 
 
 @pytest.mark.parametrize("statistics_cotangents", [False, True])
