@@ -25,6 +25,7 @@ import numpy as np
 import densenet_jax
 from train import data
 from train.config import RECIPES, RunConfig, TrainConfig
+from train.host import apply_reuse_freed_memory
 from train.loop import device_name, fit
 from train.main import PRECISIONS, require_positive
 from train.parallel import data_mesh, initialize_distributed, replicate
@@ -45,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--end-to-end", action="store_true",
                         help="one epoch of train.main (data pipeline included) instead")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder, for --end-to-end")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="glibc malloc keeps freed memory for the next step: faster d2l "
+                             "steps on the CPU, slower for large networks (train/host.py)")
     return parser.parse_args(argv)
 
 
@@ -164,6 +168,7 @@ def main(argv=None) -> int:
         config = densenet_jax.preset(args.preset, dtype=PRECISIONS[args.precision],
                                      remat=args.remat)
         config.require_input_size(args.resize, "--resize")
+        apply_reuse_freed_memory(args.reuse_freed_memory)
         initialize_distributed()
         print(f"{args.preset}, batch {args.batch}, resize {args.resize}, {args.precision}"
               f"{', remat' if args.remat else ''}, {os.cpu_count()} CPU threads, {device_name()}")

@@ -20,6 +20,7 @@ import densenet_jax
 from train import data
 from train.checkpoint import CheckpointError
 from train.config import RECIPES, RunConfig, TrainConfig
+from train.host import apply_reuse_freed_memory
 from train.loop import NonFiniteLossError, fit, summary
 from train.parallel import initialize_distributed
 
@@ -53,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where metrics.jsonl, curves.png, config.json and checkpoints go")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last complete epoch saved in --workdir")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="glibc malloc keeps freed memory for the next step: faster d2l "
+                             "steps on the CPU, slower for large networks (train/host.py)")
     return parser.parse_args(argv)
 
 
@@ -90,6 +94,7 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     try:
         run = run_config(args)
+        apply_reuse_freed_memory(args.reuse_freed_memory)
         initialize_distributed()
         splits = data.load(run.data)
         history = fit(run, splits, workdir, resume=args.resume)
