@@ -20,9 +20,10 @@ def reuse_freed_memory() -> bool:
     fresh mmap and unmaps it on free, so every step faults in zeroed pages: 59,000 faults
     and 0.12 s of kernel time on a 0.29 s step. One arena (so the worker threads' blocks
     come from the main heap), no mmap, no trimming of the heap's top: no page faults after
-    warm-up, d2l steps 1.2× faster. But every thread then takes one lock to allocate, and a
-    network with many more operations pays for that: densenet121 at batch 8, 224×224 runs
-    1.7× slower. Hence opt-in. The process also keeps its peak heap until it exits.
+    warm-up, d2l steps at 32×32 1.1–1.2× faster. But every thread then takes one lock to
+    allocate, and a network with many more operations pays for that: densenet121 at batch
+    8, 224×224 runs 1.7× slower. Hence opt-in. The process also keeps its peak heap until
+    it exits.
     Nothing changes on other C libraries, nor when the environment configures malloc or
     preloads another allocator (tcmalloc, jemalloc), and threads that have already
     allocated keep their arenas.
