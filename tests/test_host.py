@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from train import host
+
 # Runs a jitted function with temporaries above glibc's 32 MiB mmap threshold and prints
 # whether the setting applied and the minor page faults of one later execution.
 SCRIPT = """
@@ -25,7 +27,7 @@ print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
 
 def run(**environment):
     env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+           if name not in host.MALLOC_ENVIRONMENT}
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                             env={**env, **environment}, timeout=300,
                             cwd=Path(__file__).resolve().parents[1])

@@ -25,7 +25,7 @@ import numpy as np
 import densenet_jax
 from train import data
 from train.config import RECIPES, RunConfig, TrainConfig
-from train.host import apply_reuse_freed_memory
+from train.host import add_reuse_freed_memory_flag, apply_reuse_freed_memory
 from train.loop import device_name, fit
 from train.main import PRECISIONS, require_positive
 from train.parallel import data_mesh, initialize_distributed, replicate
@@ -46,9 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--end-to-end", action="store_true",
                         help="one epoch of train.main (data pipeline included) instead")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder, for --end-to-end")
-    parser.add_argument("--reuse-freed-memory", action="store_true",
-                        help="glibc malloc keeps freed memory for the next step: faster d2l "
-                             "steps on the CPU, slower for large networks (train/host.py)")
+    add_reuse_freed_memory_flag(parser)
     return parser.parse_args(argv)
 
 

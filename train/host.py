@@ -1,13 +1,15 @@
 """Process-wide settings of the host for training on the CPU."""
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import sys
 
 # mallopt(3) parameters of glibc.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
+# Variables by which the environment configures malloc: where one is set, it wins.
+MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
                        "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
 
 
@@ -28,7 +30,7 @@ def reuse_freed_memory() -> bool:
     preloads another allocator (tcmalloc, jemalloc), and threads that have already
     allocated keep their arenas.
     """
-    if not _glibc() or any(name in os.environ for name in _MALLOC_ENVIRONMENT):
+    if not _glibc() or any(name in os.environ for name in MALLOC_ENVIRONMENT):
         return False
     mallopt = ctypes.CDLL(None).mallopt
     return all([mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_MAX, 0),
@@ -40,6 +42,13 @@ def _glibc() -> bool:
         return sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
     except (AttributeError, ValueError, OSError):  # no such name here, or no value
         return False
+
+
+def add_reuse_freed_memory_flag(parser: argparse.ArgumentParser) -> None:
+    """`--reuse-freed-memory`, for the CLIs that train (train.main, train.bench)."""
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="glibc malloc keeps freed memory for the next step: faster d2l "
+                             "steps on the CPU, slower for large networks (train/host.py)")
 
 
 def apply_reuse_freed_memory(requested: bool) -> None:

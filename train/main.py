@@ -20,7 +20,7 @@ import densenet_jax
 from train import data
 from train.checkpoint import CheckpointError
 from train.config import RECIPES, RunConfig, TrainConfig
-from train.host import apply_reuse_freed_memory
+from train.host import add_reuse_freed_memory_flag, apply_reuse_freed_memory
 from train.loop import NonFiniteLossError, fit, summary
 from train.parallel import initialize_distributed
 
@@ -54,9 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where metrics.jsonl, curves.png, config.json and checkpoints go")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last complete epoch saved in --workdir")
-    parser.add_argument("--reuse-freed-memory", action="store_true",
-                        help="glibc malloc keeps freed memory for the next step: faster d2l "
-                             "steps on the CPU, slower for large networks (train/host.py)")
+    add_reuse_freed_memory_flag(parser)
     return parser.parse_args(argv)
 
 
