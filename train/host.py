@@ -1,40 +1,44 @@
 """Process-wide settings of the host for training on the CPU."""
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import sys
 
+import jax
+
 # mallopt(3) parameters of glibc.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 # Variables by which the environment configures malloc: where one is set, it wins.
-MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
-                       "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
+                      "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
 
 
-def reuse_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory mapped, so each training step reuses the pages
-    of the last one. Returns whether it changed anything; call it before JAX starts.
+def reuse_step_memory() -> bool:
+    """Let each execution on the CPU reuse the memory of the last one. Returns whether it
+    changed anything; call it before JAX starts (before the first array).
 
-    Why: XLA:CPU allocates a step's temporaries as one block per execution (230 MiB for d2l
-    at batch 256, 32×32) from a worker thread. glibc serves any block above 32 MiB with a
-    fresh mmap and unmaps it on free, so every step faults in zeroed pages: 59,000 faults
-    and 0.12 s of kernel time on a 0.29 s step. One arena (so the worker threads' blocks
-    come from the main heap), no mmap, no trimming of the heap's top: no page faults after
-    warm-up, d2l steps at 32×32 1.1–1.2× faster. But every thread then takes one lock to
-    allocate, and a network with many more operations pays for that: densenet121 at batch
-    8, 224×224 runs 1.7× slower. Hence opt-in. The process also keeps its peak heap until
-    it exits.
-    Nothing changes on other C libraries, nor when the environment configures malloc or
-    preloads another allocator (tcmalloc, jemalloc), and threads that have already
-    allocated keep their arenas.
+    Why: XLA:CPU allocates an execution's temporaries as one block (230 MiB for d2l at
+    batch 256, 32×32; 480 MiB at batch 64, 96×96). glibc serves any block above 32 MiB with
+    a fresh mmap and unmaps it on free, so every training step faults its pages in again,
+    zeroed by the kernel: 55,000 faults and 0.1 s of kernel time on a 0.24–0.28 s step.
+    Two settings together keep that block:
+    - JAX runs CPU computations on the calling thread (`jax_cpu_enable_async_dispatch`
+      off) instead of a worker's, so the block comes from glibc's main arena;
+    - there, no mmap and no trimming of the heap's top (mallopt M_MMAP_MAX=0,
+      M_TRIM_THRESHOLD=2³¹−1).
+    Other threads keep arenas of their own: limiting the process to one arena would also
+    move the block, but every thread then takes one lock to allocate (densenet121 at batch
+    8, 224×224 ran 1.7× slower). Steps of a computation split over several devices still
+    run on workers, and keep their mmap. The process keeps its peak heap until it exits.
+    Nothing changes on other C libraries, nor where the environment configures malloc or
+    preloads another allocator.
     """
     if not _glibc() or any(name in os.environ for name in MALLOC_ENVIRONMENT):
         return False
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     mallopt = ctypes.CDLL(None).mallopt
-    return all([mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_MAX, 0),
-                mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)])
+    return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _glibc() -> bool:
@@ -42,17 +46,3 @@ def _glibc() -> bool:
         return sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
     except (AttributeError, ValueError, OSError):  # no such name here, or no value
         return False
-
-
-def add_reuse_freed_memory_flag(parser: argparse.ArgumentParser) -> None:
-    """`--reuse-freed-memory`, for the CLIs that train (train.main, train.bench)."""
-    parser.add_argument("--reuse-freed-memory", action="store_true",
-                        help="glibc malloc keeps freed memory for the next step: faster d2l "
-                             "steps on the CPU, slower for large networks (train/host.py)")
-
-
-def apply_reuse_freed_memory(requested: bool) -> None:
-    """`reuse_freed_memory()` if `requested`, with a one-line note when it cannot apply."""
-    if requested and not reuse_freed_memory():
-        print("note: --reuse-freed-memory needs glibc and no malloc settings in the "
-              "environment; malloc left as it is", file=sys.stderr)
