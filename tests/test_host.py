@@ -31,7 +31,7 @@ print(applied, jax.config.read("jax_cpu_enable_async_dispatch"), faults)
 
 def run(**environment):
     env = {name: value for name, value in os.environ.items()
-           if name not in host.MALLOC_ENVIRONMENT}
+           if not host.malloc_configured([name])}
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                             env={**env, **environment}, timeout=300,
                             cwd=Path(__file__).resolve().parents[1])
@@ -49,3 +49,14 @@ def test_executions_reuse_the_memory_of_the_last_one():
     assert (applied, asynchronous) == (True, False)
     assert (untouched, asynchronous_by_default) == (False, True)
     assert faults * 10 < faults_by_default, (faults, faults_by_default)
+
+
+@pytest.mark.parametrize("environ, configured", [
+    ({"PATH": "/bin", "HOME": "/root"}, False),
+    ({"MALLOC_ARENA_MAX": "2"}, True),
+    ({"MALLOC_TRIM_THRESHOLD_": "0"}, True),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, True),
+    ({"LD_PRELOAD": "libjemalloc.so.2"}, True),
+])
+def test_the_environment_configuring_malloc_wins(environ, configured):
+    assert host.malloc_configured(environ) is configured

@@ -9,9 +9,6 @@ import jax
 
 # mallopt(3) parameters of glibc.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-# Variables by which the environment configures malloc: where one is set, it wins.
-MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
-                      "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
 
 
 def reuse_step_memory() -> bool:
@@ -34,11 +31,18 @@ def reuse_step_memory() -> bool:
     Nothing changes on other C libraries, nor where the environment configures malloc or
     preloads another allocator.
     """
-    if not _glibc() or any(name in os.environ for name in MALLOC_ENVIRONMENT):
+    if not _glibc() or malloc_configured(os.environ):
         return False
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     mallopt = ctypes.CDLL(None).mallopt
     return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def malloc_configured(environ) -> bool:
+    """Whether the environment configures malloc (GLIBC_TUNABLES, MALLOC_*) or preloads
+    another allocator (tcmalloc, jemalloc): where it does, it wins."""
+    return any(name in ("GLIBC_TUNABLES", "LD_PRELOAD") or name.startswith("MALLOC_")
+               for name in environ)
 
 
 def _glibc() -> bool:
