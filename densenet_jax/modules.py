@@ -219,7 +219,7 @@ def _batch_norm_relu_bwd(epsilon, residuals, cotangents):
     if not isinstance(dmean, SymbolicZero):
         dx = dx + dmean / n
     if not isinstance(dvar, SymbolicZero):
-        dx = dx + (x - mean) * (2 * dvar / n)
+        dx = dx + centered * (2 * dvar / n)
     return dx, dscale, dbias
 
 
