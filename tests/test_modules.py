@@ -1,5 +1,6 @@
 """Channel arithmetic, configs, input errors, remat and tracing of the Flax modules."""
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +29,38 @@ def test_transition_block_sets_channels_and_halves_size():
     # d2l: transition_block(23, 10) on the dense block's output gives (4, 10, 4, 4).
     _, y = init_apply(TransitionBlock(num_channels=10), jnp.ones((4, 8, 8, 23)))
     chex.assert_shape(y, (4, 4, 4, 10))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_pooling_before_a_1x1_convolution_equals_pooling_after(train):
+    """TransitionBlock pools before its 1×1 convolution; d2l pools after. Same outputs,
+    statistics and gradients (the conv's bias given a non-zero value, so it counts)."""
+    x = jax.random.normal(jax.random.key(1), (4, 6, 6, 12))
+    pooled = ConvBlock(features=5, kernel_size=1, average_pool=2)
+    plain = ConvBlock(features=5, kernel_size=1)
+    variables = pooled.init(jax.random.key(0), x, train=False)
+    variables["params"]["conv"]["bias"] = jnp.arange(5.0)
+    mutable = ["batch_stats"] if train else False
+
+    def loss(params, module, pool):
+        out = module.apply({**variables, "params": params}, x, train=train, mutable=mutable)
+        y, stats = out if train else (out, {})
+        y = pool(y)
+        return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), (y, stats)
+
+    def pool_after(y):
+        return nn.avg_pool(y, (2, 2), strides=(2, 2))
+
+    grad = jax.value_and_grad(loss, has_aux=True)
+    (_, (y1, s1)), g1 = grad(variables["params"], pooled, lambda y: y)
+    (_, (y2, s2)), g2 = grad(variables["params"], plain, pool_after)
+    chex.assert_shape(y1, (4, 3, 3, 5))
+    chex.assert_trees_all_close((y1, s1, g1), (y2, s2, g2), rtol=1e-5, atol=1e-5)
+
+
+def test_average_pool_needs_a_1x1_kernel():
+    with pytest.raises(ValueError, match="average_pool=2 needs kernel_size=1"):
+        init_apply(ConvBlock(features=5, kernel_size=3, average_pool=2), jnp.ones((1, 4, 4, 3)))
 
 
 def test_conv_block_keeps_height_and_width():
