@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import densenet_jax
 from densenet_jax import ConvBlock, DenseBlock, DenseNet, TransitionBlock
-from densenet_jax.modules import batch_norm_relu, conv_general_dilated
+from densenet_jax.modules import batch_norm_relu, batch_statistics, conv_general_dilated
 
 
 def init_apply(module, x, train=False):
@@ -327,12 +327,21 @@ def test_convolutions_as_matrix_products_equal_xla(image, kernel, strides, paddi
         assert ("convolution" in hlo) == (not product)
 
 
+@pytest.mark.parametrize("channels", [(6,), (2, 1, 3)])
 @pytest.mark.parametrize("statistics_cotangents", [False, True])
-def test_batch_norm_relu_derivative_equals_the_compositions(statistics_cotangents):
+def test_batch_norm_relu_derivative_equals_the_compositions(statistics_cotangents, channels):
+    """batch_norm_relu of feature maps with each map's batch_statistics, as a dense block
+    calls them, against BatchNorm → ReLU of the concatenation, written out plainly."""
     def composition(x, scale, bias):
         mean = x.mean((0, 1, 2))
         var = ((x - mean) ** 2).mean((0, 1, 2))
         return jax.nn.relu((x - mean) / jnp.sqrt(var + 1e-5) * scale + bias), mean, var
+
+    def fused(x, scale, bias):
+        parts = jnp.split(x, np.cumsum(channels)[:-1], -1)
+        means, variances = zip(*[batch_statistics(p) for p in parts])
+        y = batch_norm_relu(tuple(parts), means, variances, scale, bias, 1e-5)
+        return y, jnp.concatenate(means), jnp.concatenate(variances)
 
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
@@ -350,7 +359,6 @@ def test_batch_norm_relu_derivative_equals_the_compositions(statistics_cotangent
                 return total
             return value
 
-        fused = lambda x, scale, bias: batch_norm_relu(x, scale, bias, 1e-5)  # noqa: E731
         chex.assert_trees_all_close(fused(x, scale, bias), composition(x, scale, bias),
                                     rtol=1e-12, atol=1e-12)
         chex.assert_trees_all_close(jax.grad(loss(fused), (0, 1, 2))(x, scale, bias),
