@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from densenet_jax.config import DenseNetConfig, param_dtype, transition_channels
 
@@ -377,6 +378,7 @@ class DenseLayer(nn.Module):
         if self.bottleneck_width:
             x = ConvBlock(self.bottleneck_width * self.growth_rate, 1, self.use_bias,
                           self.dtype, name="bottleneck")(x, train, statistics)
+            x = checkpoint_name(x, "bottleneck")  # kept under remat: see DenseBlock
             statistics = None
         return ConvBlock(self.growth_rate, 3, self.use_bias, self.dtype,
                          name="conv_block")(x, train, statistics)
@@ -405,8 +407,14 @@ class DenseBlock(nn.Module):
         layer_class, call = DenseLayer, functools.partial(_call_layer, train=train)
         if self.remat:
             # Each layer keeps only its input features for the backward pass, which are
-            # the block's outputs anyway; `train` (argument 2, counting self) is static.
-            layer_class = nn.remat(DenseLayer, policy=jax.checkpoint_policies.nothing_saveable,
+            # the block's outputs anyway, and, in DenseNet-BC, its bottleneck's output, as
+            # torchvision's memory-efficient DenseNet: recomputing the bottleneck (which
+            # reads all earlier maps) made densenet121's steps 1.30× slower instead of
+            # 1.19×, for 2.99× instead of 2.16× less compiled memory (224×224, batch 8).
+            # `train` (argument 2, counting self) is static.
+            layer_class = nn.remat(DenseLayer,
+                                   policy=jax.checkpoint_policies.save_only_these_names(
+                                       "bottleneck"),
                                    prevent_cse=False, static_argnums=(2,))
             call = recompute_when_the_cotangent_arrives(call)
         def statistics(feature_map):
