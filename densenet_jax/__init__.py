@@ -4,6 +4,7 @@
     model = densenet_jax.DenseNet(densenet_jax.preset("d2l"))
     variables = model.init(key, x, train=False)   # x: (N, H, W, C) float
 """
+from densenet_jax import kernels
 from densenet_jax.config import PRESETS, DenseNetConfig, preset, transition_channels
 from densenet_jax.convert import from_torch, to_torch
 from densenet_jax.modules import (BatchNorm, ConvBlock, DenseBlock, DenseLayer, DenseNet,
@@ -11,5 +12,5 @@ from densenet_jax.modules import (BatchNorm, ConvBlock, DenseBlock, DenseLayer, 
 
 
 __all__ = ["BatchNorm", "ConvBlock", "DenseBlock", "DenseLayer", "DenseNet", "DenseNetConfig",
-           "PRESETS", "TransitionBlock", "from_torch", "preset", "to_torch",
+           "PRESETS", "TransitionBlock", "from_torch", "kernels", "preset", "to_torch",
            "transition_channels"]

@@ -9,6 +9,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from densenet_jax.kernels import KERNEL_SETS
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 _GLOBAL_POOLS = ("max", "avg")
 
@@ -50,6 +52,7 @@ class DenseNetConfig:
     in_channels: int = 1
     dtype: str = "float32"
     remat: bool = False
+    kernels: str = "auto"
 
     def __post_init__(self):
         # Lists are accepted for convenience; the stored value is a tuple so the config
@@ -141,6 +144,8 @@ def _config_problems(cfg: DenseNetConfig):
         yield f"global_pool must be one of {_GLOBAL_POOLS}, got {cfg.global_pool!r}"
     if cfg.dtype not in _DTYPES:
         yield f"dtype must be one of {tuple(_DTYPES)}, got {cfg.dtype!r}"
+    if cfg.kernels not in KERNEL_SETS:
+        yield f"kernels must be one of {KERNEL_SETS}, got {cfg.kernels!r}"
 
 
 _BC = dict(bottleneck=True, conv_bias=False, global_pool="avg")

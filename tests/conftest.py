@@ -1,10 +1,16 @@
-"""Shared fixtures: the real Fashion-MNIST folder, named by $FASHION_MNIST_DIR."""
+"""Shared fixtures: the real Fashion-MNIST folder, named by $FASHION_MNIST_DIR. The tests
+compile as the entry points do: with XLA:CPU's YNNPACK fusions (set before JAX starts)."""
 import os
 from pathlib import Path
 
 import pytest
 
 from train import data
+from train.host import use_ynnpack_fusions
+
+
+def pytest_configure(config):
+    use_ynnpack_fusions()
 
 
 @pytest.fixture(scope="session")

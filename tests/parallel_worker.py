@@ -3,7 +3,7 @@ fixed at start-up): a few float64 training steps of the strong recipe (momentum,
 decay, augmentation), data-parallel over every device of every process, and the result
 saved for the test to compare.
 
-    python tests/parallel_worker.py OUT.npz [--mesh-devices K]
+    python tests/parallel_worker.py OUT.npz [--mesh-devices K] [--kernels NAME]
 """
 import argparse
 import sys
@@ -27,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--mesh-devices", type=int, help="the first K devices only")
+    parser.add_argument("--kernels", default="auto")
     args = parser.parse_args()
     # float64, so that the comparison tests the parallelism, not float32 reduction order.
     jax.config.update("jax_enable_x64", True)
@@ -36,7 +37,8 @@ def main() -> None:
     images = rng.integers(0, 256, (100, 28, 28, 1), dtype=np.uint8)
     labels = rng.integers(0, 10, 100).astype(np.int32)
     recipe = RECIPES["strong"]
-    state = create_train_state(densenet_jax.DenseNet(densenet_jax.preset("d2l", dtype="float64")),
+    config = densenet_jax.preset("d2l", dtype="float64", kernels=args.kernels)
+    state = create_train_state(densenet_jax.DenseNet(config),
                                make_optimizer(recipe, len(BATCHES), 2), jax.random.key(0), 32)
     state, metrics, images, labels, key = replicate(
         (state, zero_metrics(), images, labels, jax.random.key(1)), mesh)

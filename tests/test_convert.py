@@ -80,3 +80,14 @@ def test_misshaped_key_is_named():
     with pytest.raises(ValueError, match=r"state_dict key '12.weight' has shape \(1, 10, 248\), "
                                          r"expected \(10, 248\)"):
         densenet_jax.from_torch(state, config)
+
+
+def test_weights_do_not_depend_on_the_kernel_set():
+    state = TorchvisionDenseNet(densenet_jax.preset("densenet121", **SMALL_BC)).state_dict()
+    loaded = {kernels: densenet_jax.from_torch(state, densenet_jax.preset(
+        "densenet121", kernels=kernels, **SMALL_BC)) for kernels in ("reference", "xla_cpu")}
+    chex.assert_trees_all_equal(loaded["reference"], loaded["xla_cpu"])
+    for kernels, variables in loaded.items():
+        back = densenet_jax.to_torch(variables, densenet_jax.preset("densenet121",
+                                                                    kernels=kernels, **SMALL_BC))
+        assert all(np.array_equal(back[key].numpy(), state[key].numpy()) for key in state)

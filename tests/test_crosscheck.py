@@ -1,7 +1,7 @@
 """Our network against the shipped PyTorch reference: same weights, same batch.
 
-Tolerances (max relative error per leaf, see densenet_jax.crosscheck): float32 logits,
-running statistics and parameters after one SGD step 1e-5, gradients 1e-4; float64 1e-9.
+Tolerances (max relative error per leaf, see densenet_jax.crosscheck): float32 logits and
+running statistics 1e-5, gradients and parameters after one SGD step 1e-4; float64 1e-9.
 
 Float32 gradients are compared where both frameworks' float32 results are well within
 1e-4 of the float64 truth. Elsewhere (deep DenseNet-BC, some batches) PyTorch's own float32
@@ -18,7 +18,9 @@ import torch
 
 import densenet_jax
 from densenet_jax.crosscheck import crosscheck, tolerances
-from densenet_jax.modules import max_pool
+from densenet_jax.kernels import get_kernels
+
+KERNEL_SETS = ["reference", "xla_cpu"]
 
 
 def assert_within_tolerance(errors, config):
@@ -29,26 +31,28 @@ def assert_within_tolerance(errors, config):
     assert not failed, failed
 
 
+@pytest.mark.parametrize("kernel_set", KERNEL_SETS)
 @pytest.mark.parametrize("preset, overrides, size, batch", [
     ("d2l", dict(global_pool="max"), 32, 16),
     ("d2l", dict(global_pool="avg"), 96, 4),  # d2l's own resolution; 3×3 before the pool
     ("densenet121", dict(block_config=(6, 12)), 32, 8),  # DenseNet-121's first two blocks
 ])
-def test_float32_matches_pytorch(preset, overrides, size, batch):
-    config = densenet_jax.preset(preset, **overrides)
+def test_float32_matches_pytorch(preset, overrides, size, batch, kernel_set):
+    config = densenet_jax.preset(preset, kernels=kernel_set, **overrides)
     errors = crosscheck(config, size=size, batch=batch, seed=0)
     assert ("conv-bias gradients (zero)" in errors) == config.conv_bias
     assert_within_tolerance(errors, config)
 
 
+@pytest.mark.parametrize("kernel_set", KERNEL_SETS)
 @pytest.mark.parametrize("preset, overrides", [
     ("d2l", dict(global_pool="max")),
     ("d2l", dict(global_pool="avg")),
     ("densenet121", dict(block_config=(6, 12), global_pool="max")),
 ])
-def test_float64_equals_pytorch(preset, overrides):
+def test_float64_equals_pytorch(preset, overrides, kernel_set):
     with jax.enable_x64(True):
-        config = densenet_jax.preset(preset, dtype="float64", **overrides)
+        config = densenet_jax.preset(preset, dtype="float64", kernels=kernel_set, **overrides)
         assert_within_tolerance(crosscheck(config, size=64, batch=8, seed=1), config)
 
 
@@ -57,6 +61,7 @@ def run_crosscheck(*args):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_crosscheck_command_full_densenet121_in_float64():
     result = run_crosscheck("--preset", "densenet121", "--size", "32", "--batch", "4", "--x64")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -64,6 +69,7 @@ def test_crosscheck_command_full_densenet121_in_float64():
     assert result.stdout.count(" yes") == 5
 
 
+@pytest.mark.slow
 def test_crosscheck_command_with_a_saved_state_dict(tmp_path):
     import torch
 
@@ -97,20 +103,21 @@ def test_crosscheck_command_bad_input(args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("kernel_set", KERNEL_SETS)
 @pytest.mark.parametrize("shape, window, strides, padding", [
     ((3, 16, 16, 5), (3, 3), (2, 2), 1),   # the stem's pool
     ((2, 17, 15, 3), (3, 3), (2, 2), 1),   # odd sizes: windows cut by the border
     ((2, 9, 9, 2), (2, 2), (2, 2), 0),
     ((2, 10, 11, 2), (3, 2), (1, 2), 0),
 ])
-def test_max_pool_gradient_is_pytorchs_on_ties(shape, window, strides, padding):
+def test_max_pool_gradient_is_pytorchs_on_ties(shape, window, strides, padding, kernel_set):
     # Small integers: most windows hold several equal maxima, where PyTorch gives the
     # whole gradient to the first one in row-major order.
     rng = np.random.default_rng(0)
     x = rng.integers(-3, 4, shape).astype(np.float64)
     pads = ((padding, padding), (padding, padding))
     with jax.enable_x64(True):
-        pool = lambda v: max_pool(v, window, strides, pads)  # noqa: E731
+        pool = lambda v: get_kernels(kernel_set).max_pool(v, window, strides, pads)  # noqa: E731
         y, vjp = jax.vjp(pool, x)
         g = rng.normal(size=y.shape)
         (dx,) = vjp(g)

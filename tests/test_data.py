@@ -188,6 +188,7 @@ def multiset(split):
     return sorted(zip(split.labels.tolist(), (image.tobytes() for image in split.images)))
 
 
+@pytest.mark.slow
 def test_tfds_and_idx_sources_agree(data_dir, splits, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # tfds prepares its records here
     tfds_splits = data.load(data.DataConfig(source="tfds", data_dir=str(data_dir)))

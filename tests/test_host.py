@@ -40,6 +40,7 @@ def run(**environment):
     return applied == "True", asynchronous == "True", float(faults)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_executions_reuse_the_memory_of_the_last_one():
     applied, asynchronous, faults = run()
@@ -60,3 +61,31 @@ def test_executions_reuse_the_memory_of_the_last_one():
 ])
 def test_the_environment_configuring_malloc_wins(environ, configured):
     assert host.malloc_configured(environ) is configured
+
+
+def test_ynnpack_flag_is_added_unless_set():
+    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    assert host.use_ynnpack_fusions(environ) is True
+    assert environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/x {host.YNNPACK_FLAG}"
+    assert host.use_ynnpack_fusions(environ) is False  # once only
+    mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
+    assert host.use_ynnpack_fusions(mine) is False and mine["XLA_FLAGS"].endswith("=dot")
+
+
+# Imports every module of both packages, then prints what global state they could touch.
+IMPORTS = """
+import os, jax
+import densenet_jax, densenet_jax.crosscheck, densenet_jax.kernels.xla_cpu
+import train, train.main, train.bench, train.loop, train.steps, train.host
+from jax._src import xla_bridge
+print(os.environ.get("XLA_FLAGS"), jax.config.read("jax_cpu_enable_async_dispatch"),
+      xla_bridge.backends_are_initialized())
+"""
+
+
+def test_importing_the_packages_changes_no_global_state():
+    env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True,
+                            env=env, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "True", "False"]

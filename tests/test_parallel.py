@@ -12,6 +12,8 @@ import pytest
 
 from train.parallel import initialize_distributed
 
+pytestmark = pytest.mark.slow  # subprocesses, one per run
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("parallel_worker.py")
 
@@ -77,6 +79,15 @@ def test_sharded_step_equals_single_device_step(one_device, tmp_path):
     assert int(one_device["mesh_size"]) == 1 and not one_device["all_reduce"]
     assert int(four["mesh_size"]) == 4 and four["all_reduce"]  # really split over 4
     assert_same_training(four, one_device)
+
+
+def test_reference_kernels_train_alike(one_device, tmp_path):
+    """The default (xla_cpu) kernels against the reference kernels over the same steps,
+    compiled without YNNPACK's fusions (whose absence once let XLA:CPU round a max pool's
+    input differently in its forward and backward passes)."""
+    [reference] = worker_results(tmp_path, "reference", [cpu_devices(1)], "--kernels",
+                                 "reference")
+    assert_same_training(reference, one_device)
 
 
 def test_two_processes_train_alike(one_device, tmp_path):

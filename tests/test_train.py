@@ -16,6 +16,7 @@ def run_cli(data_dir, workdir, *args):
                      *args])
 
 
+@pytest.mark.slow
 def test_short_real_run_learns_and_writes_its_files(data_dir, tmp_path, capsys):
     code = run_cli(data_dir, tmp_path, "--limit-train", "4000", "--batch-size", "64",
                    "--epochs", "2")
@@ -49,18 +50,15 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["d2l", "strong"])
 def test_resume_equals_uninterrupted(data_dir, splits, tmp_path, recipe):
     run = quick_run(data_dir, tmp_path, recipe)
     splits = small(splits)
     straight = fit(run, splits, tmp_path / "straight", log=lambda line: None)
 
-    def interrupt_after_epoch_1(line):
-        if line.startswith("epoch 1/"):
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        fit(run, splits, tmp_path / "resumed", log=interrupt_after_epoch_1)
+        fit(run, splits, tmp_path / "resumed", log=_interrupt_after_epoch_1)
     resumed = fit(run, splits, tmp_path / "resumed", resume=True, log=lambda line: None)
 
     def results(history):
@@ -72,6 +70,30 @@ def test_resume_equals_uninterrupted(data_dir, splits, tmp_path, recipe):
     assert results(saved) == results(straight)
 
 
+@pytest.mark.slow
+def test_resume_with_other_kernels_and_remat(data_dir, splits, tmp_path):
+    """Kernels and remat change how the model is computed, not what: a run saved with the
+    xla_cpu kernels continues with the reference kernels and remat, and its checkpoint
+    holds the same parameter tree."""
+    first = cli.run_config(cli.parse_args(["--resize", "32", "--limit-train", "300",
+                                           "--batch-size", "100", "--epochs", "2",
+                                           "--kernels", "xla_cpu"]))
+    with pytest.raises(KeyboardInterrupt):
+        fit(first, small(splits), tmp_path, log=_interrupt_after_epoch_1)
+    second = cli.run_config(cli.parse_args(["--resize", "32", "--limit-train", "300",
+                                            "--batch-size", "100", "--epochs", "2",
+                                            "--kernels", "reference", "--remat"]))
+    assert (second.model.kernels, second.model.remat) == ("reference", True)
+    history = fit(second, small(splits), tmp_path, resume=True, log=lambda line: None)
+    assert [r["epoch"] for r in history] == [1, 2] and np.isfinite(history[-1]["loss"])
+
+
+def _interrupt_after_epoch_1(line):
+    if line.startswith("epoch 1/"):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.slow
 def test_train_step_compiles_once_per_shape(data_dir, splits, tmp_path):
     # 1000 examples in batches of 96: ten full batches and one of 40, over two epochs.
     args = cli.parse_args(["--resize", "32", "--limit-train", "1000", "--batch-size", "96",
@@ -110,6 +132,7 @@ def test_bad_data_folder(tmp_path, capsys):
     assert "does not exist; pass --data-dir" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused(data_dir, tmp_path, capsys):
     assert run_cli(data_dir, tmp_path, "--limit-train", "300", "--epochs", "1") == 0
     assert run_cli(data_dir, tmp_path, "--limit-train", "300", "--epochs", "1", "--lr", "0.05",
@@ -118,6 +141,7 @@ def test_resume_with_another_config_is_refused(data_dir, tmp_path, capsys):
     assert "is of another configuration (recipe.learning_rate was 0.1, now 0.05)" in err
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, splits, tmp_path,
                                                                     monkeypatch):
     from train import loop
@@ -143,6 +167,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, spli
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_diverging_lr_gives_a_clear_error(data_dir, tmp_path, capsys):
     assert run_cli(data_dir, tmp_path, "--limit-train", "300", "--epochs", "1",
                    "--lr", "1e30") == 1

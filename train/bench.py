@@ -5,12 +5,13 @@
 
 Times full training steps (forward, backward, SGD update, BatchNorm update; the batch
 gathered, converted and resized on the device) after warm-up and compilation, alternating
-JAX and PyTorch (eager, same batch, resize, threads, fp32 on CPU) over several repeats,
+JAX and PyTorch (eager, same batch, resize, threads and precision) over several repeats,
 and reports medians. The last line is JSON.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -25,9 +26,9 @@ import numpy as np
 import densenet_jax
 from train import data
 from train.config import RECIPES, RunConfig, TrainConfig
-from train.host import reuse_step_memory
+from train.host import configure_host
 from train.loop import device_name, fit
-from train.main import PRECISIONS, require_positive
+from train.main import PRECISIONS, add_model_flags, require_positive
 from train.parallel import data_mesh, initialize_distributed, replicate
 from train.steps import create_train_state, make_optimizer, train_step, zero_metrics
 
@@ -39,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--resize", type=int, default=32)
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS))
-    parser.add_argument("--remat", action="store_true")
+    add_model_flags(parser)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true", help="time JAX only")
@@ -84,8 +85,8 @@ class JaxSteps:
 
 
 class TorchSteps:
-    """The same step in PyTorch eager (fp32; on the GPU when there is one): convert,
-    resize, forward, backward, SGD."""
+    """The same step in PyTorch eager (on the GPU when there is one; bf16 under autocast,
+    PyTorch's mixed precision): convert, resize, forward, backward, SGD."""
 
     def __init__(self, config: densenet_jax.DenseNetConfig, batch: int, resize: int):
         import torch
@@ -102,6 +103,8 @@ class TorchSteps:
         self.images = torch.from_numpy(
             rng.integers(0, 256, (batch, 1, 28, 28), dtype=np.uint8)).to(device)
         self.labels = torch.from_numpy(rng.integers(0, 10, batch)).to(device)
+        self.autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16,
+                                          enabled=config.dtype == "bfloat16")
         self.run(1)  # warm-up
 
     def run(self, steps: int) -> float:
@@ -110,7 +113,8 @@ class TorchSteps:
         for _ in range(steps):
             x = torch.nn.functional.interpolate(self.images.float() / 255, size=self.resize,
                                                 mode="bilinear", align_corners=False)
-            loss = torch.nn.functional.cross_entropy(self.model(x), self.labels)
+            with self.autocast():
+                loss = torch.nn.functional.cross_entropy(self.model(x), self.labels)
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
@@ -121,7 +125,7 @@ class TorchSteps:
 def examples_per_sec(framework: JaxSteps | TorchSteps, steps: int, batch: int) -> float:
     """One untimed step, then `steps` timed ones. The untimed step is the first after the
     other framework's: it meets that one's leftovers in the caches and in malloc's free
-    lists (JAX at batch 64, 96×96: repeats 4–7 % slower without it)."""
+    lists."""
     framework.run(1)
     return steps * batch / framework.run(steps)
 
@@ -171,20 +175,23 @@ def main(argv=None) -> int:
     try:
         require_positive(args, "batch", "resize", "steps", "repeats")
         config = densenet_jax.preset(args.preset, dtype=PRECISIONS[args.precision],
-                                     remat=args.remat)
+                                     remat=args.remat, kernels=args.kernels)
         config.require_input_size(args.resize, "--resize")
         initialize_distributed()
-        print(f"{args.preset}, batch {args.batch}, resize {args.resize}, {args.precision}"
-              f"{', remat' if args.remat else ''}, {os.cpu_count()} CPU threads, {device_name()}")
+        kernels = densenet_jax.kernels.get_kernels(config.kernels).name
+        print(f"{args.preset}, batch {args.batch}, resize {args.resize}, {args.precision}, "
+              f"{kernels} kernels{', remat' if args.remat else ''}, {os.cpu_count()} CPU "
+              f"threads, {device_name()}")
         result = (end_to_end_benchmark if args.end_to_end else step_benchmark)(args, config)
     except (ValueError, data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(json.dumps({"device": device_name(), "preset": args.preset, "batch": args.batch,
-                      "resize": args.resize, "precision": args.precision, **result}, ensure_ascii=False))
+                      "resize": args.resize, "precision": args.precision, "kernels": kernels,
+                      "remat": args.remat, **result}, ensure_ascii=False))
     return 0
 
 
 if __name__ == "__main__":
-    reuse_step_memory()  # before JAX starts
+    configure_host()  # before JAX starts
     sys.exit(main())

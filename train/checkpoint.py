@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from train.config import without_computation_fields
 from train.steps import TrainState, checkpoint_tree, replace_from_tree
 
 
@@ -37,8 +38,9 @@ def restore(mngr: ocp.CheckpointManager, state: TrainState, run_fields: dict
         raise CheckpointError(f"--resume: no checkpoint in {mngr.directory}; start without "
                               f"--resume, or point --workdir at the run to continue")
     meta = mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if meta["config"] != run_fields:
-        differences = _differences(meta["config"], run_fields)
+    saved = without_computation_fields(meta["config"])
+    if saved != run_fields:
+        differences = _differences(saved, run_fields)
         raise CheckpointError(f"--resume: the checkpoint in {mngr.directory} is of another "
                               f"configuration ({'; '.join(differences[:3])}); rerun with the "
                               f"same settings or use another --workdir")

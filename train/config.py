@@ -54,9 +54,17 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def result_fields(self) -> dict:
-        """Everything that shapes the results (not where the data lies): a checkpoint
-        resumes only a run whose fields are all equal."""
+        """Everything that shapes the results (not where the data lies, nor how the model
+        is computed: kernels and remat): a checkpoint resumes only a run whose fields are
+        all equal."""
         fields = self.to_dict()
         fields["data"] = {"source": self.data.source}
         fields["model"]["block_config"] = list(self.model.block_config)
-        return fields
+        return without_computation_fields(fields)
+
+
+def without_computation_fields(fields: dict) -> dict:
+    """`result_fields` (also as saved by earlier versions) without the model's fields that
+    change how it is computed but not what."""
+    model = {k: v for k, v in fields.get("model", {}).items() if k not in ("kernels", "remat")}
+    return {**fields, "model": model}

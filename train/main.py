@@ -21,7 +21,7 @@ import densenet_jax
 from train import data
 from train.checkpoint import CheckpointError
 from train.config import RECIPES, RunConfig, TrainConfig
-from train.host import reuse_step_memory
+from train.host import configure_host
 from train.loop import NonFiniteLossError, fit, summary
 from train.parallel import initialize_distributed
 
@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                         help="bf16: bfloat16 compute, float32 parameters and statistics")
+    add_model_flags(parser)
     parser.add_argument("--limit-train", type=int, metavar="N",
                         help="train on the first N training examples only (a quick run)")
     parser.add_argument("--data-source", default="idx", choices=data.SOURCES)
@@ -56,6 +57,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last complete epoch saved in --workdir")
     return parser.parse_args(argv)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """How the network is computed, not what it computes: the same results either way."""
+    parser.add_argument("--kernels", default="auto", choices=densenet_jax.kernels.KERNEL_SETS,
+                        help="the model's kernel set: reference (plain JAX), xla_cpu, or auto "
+                             "(xla_cpu on the CPU backend, reference elsewhere)")
+    parser.add_argument("--remat", action="store_true",
+                        help="recompute each dense layer in the backward pass (less memory)")
 
 
 def require_positive(args: argparse.Namespace, *names: str) -> None:
@@ -72,7 +82,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     if args.limit_train is not None and args.limit_train <= 0:
         raise ValueError(f"--limit-train must be positive, got {args.limit_train}")
-    overrides = {"dtype": PRECISIONS[args.precision]}
+    overrides = {"dtype": PRECISIONS[args.precision], "kernels": args.kernels,
+                 "remat": args.remat}
     if args.global_pool:
         overrides["global_pool"] = args.global_pool
     model = densenet_jax.preset(args.preset, **overrides)
@@ -108,5 +119,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    reuse_step_memory()  # before JAX starts
+    configure_host()  # before JAX starts
     sys.exit(main())

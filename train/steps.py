@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from flax.training import train_state
 from jax.sharding import Mesh
 
@@ -17,9 +18,11 @@ from train.pipeline import preprocess, random_crop_and_flip
 
 
 class TrainState(train_state.TrainState):
-    """params, optimiser state and step, plus BatchNorm's running statistics."""
+    """params, optimiser state and step, plus BatchNorm's running statistics and the
+    model's kernel set (static)."""
 
     batch_stats: Any = None
+    kernels: densenet_jax.kernels.Kernels = struct.field(pytree_node=False, default=None)
 
 
 def learning_rate_schedule(recipe: RecipeConfig, steps_per_epoch: int, epochs: int):
@@ -47,7 +50,8 @@ def create_train_state(model: densenet_jax.DenseNet, optimizer, key: jax.Array,
     x = jnp.zeros((1, resize, resize, model.config.in_channels), model.config.param_dtype)
     variables = jax.jit(functools.partial(model.init, train=False))(key, x)
     state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optimizer,
-                              batch_stats=variables["batch_stats"])
+                              batch_stats=variables["batch_stats"],
+                              kernels=densenet_jax.kernels.get_kernels(model.config.kernels))
     # An int32 array, not Python's 0, so the first step hits the same compiled program.
     return state.replace(step=jnp.zeros((), jnp.int32))
 
@@ -83,11 +87,7 @@ def train_step(state: TrainState, metrics: dict, images: jax.Array, labels: jax.
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    # Gradients complete before the update: XLA:CPU would otherwise fuse the update's
-    # multiply by the learning rate into the convolutions that compute the weight
-    # gradients, and YNNPACK runs such a fused convolution much slower (3×3 kernels over
-    # 256×8×8×160 activations: 15 → 25 ms); d2l steps at batch 256, 32×32, 1.11× faster.
-    grads = jax.lax.optimization_barrier(grads)
+    grads = state.kernels.finish_gradients(grads)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {"loss_sum": metrics["loss_sum"] + loss * y.shape[0],
                "correct": metrics["correct"] + jnp.sum(jnp.argmax(logits, -1) == y),
