@@ -1,0 +1,245 @@
+"""The accelerator check: d2l's recipe, the benchmark against PyTorch with both kernel sets,
+and densenet121's memory with and without remat, in one call; prints a markdown block for
+docs/RESULTS.md (also written to $OUT/gpu_check.md when OUT is set, with every log).
+
+    scripts/gpu_check.sh DATA_DIR            # on a machine with a GPU or TPU, ~8 minutes
+    scripts/gpu_check.sh --smoke DATA_DIR    # the same steps at tiny sizes, on any machine
+
+DATA_DIR holds the four Fashion-MNIST .gz files. Every step runs as its own process (as a
+user would run it), with a time limit; a step that fails or runs out of time is reported
+in the block and the others still run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+ENVIRONMENT = """
+import json, platform, jax, jaxlib, flax, optax, orbax.checkpoint
+try:
+    import torch
+    accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    torch_version = f"{torch.__version__} ({accelerator or 'CPU'})"
+except ImportError:
+    torch_version = "not installed"
+devices = jax.devices()
+print(json.dumps({"backend": jax.default_backend(), "devices": [str(d) for d in devices],
+                  "device_kind": devices[0].device_kind, "python": platform.python_version(),
+                  "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                  "optax": optax.__version__, "orbax": orbax.checkpoint.__version__,
+                  "torch": torch_version}))
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """What each step runs: the real sizes, or the smoke test's."""
+
+    train: tuple[str, ...]          # train.main flags beyond d2l's defaults
+    bench: tuple[str, ...]          # train.bench flags for d2l at batch 256, 96×96
+    densenet121: tuple[str, ...]    # train.bench flags for densenet121 at batch 64, 224×224
+    budget_seconds: float           # start no step after this much time
+
+
+FULL = Sizes(train=(), bench=("--batch", "256", "--resize", "96", "--steps", "10",
+                              "--repeats", "3"),
+             densenet121=("--batch", "64", "--resize", "224", "--steps", "5", "--repeats", "3"),
+             budget_seconds=450)
+SMOKE = Sizes(train=("--resize", "32", "--limit-train", "512", "--batch-size", "64",
+                     "--epochs", "1"),
+              bench=("--batch", "8", "--resize", "32", "--steps", "1", "--repeats", "1"),
+              densenet121=("--batch", "2", "--resize", "32", "--steps", "1", "--repeats", "1"),
+              budget_seconds=1800)
+
+
+@dataclasses.dataclass
+class Step:
+    name: str
+    returncode: int | None  # None: not started (out of time) or timed out
+    seconds: float
+    output: str
+
+
+class Runner:
+    """Runs each step as `python ...` in the checkout, within the overall budget, and keeps
+    its log (in `logs`, when given)."""
+
+    def __init__(self, budget_seconds: float, logs: Path | None):
+        self.deadline = time.monotonic() + budget_seconds
+        self.logs = logs
+
+    def __call__(self, name: str, args: list[str], timeout: float) -> Step:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return Step(name, None, 0.0, "not run: out of time")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        start = time.monotonic()
+        try:
+            done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  timeout=min(timeout, left + 60))
+            step = Step(name, done.returncode, time.monotonic() - start, done.stdout)
+        except subprocess.TimeoutExpired as expired:
+            output = expired.stdout or ""
+            output = output.decode() if isinstance(output, bytes) else output
+            step = Step(name, None, time.monotonic() - start, output + "\ntimed out")
+        if self.logs:
+            (self.logs / f"{name}.log").write_text(step.output)
+        status = "ok" if step.returncode == 0 else "FAILED"
+        print(f"[{step.seconds:6.1f} s] {name}: {status}", file=sys.stderr, flush=True)
+        return step
+
+
+def last_json(step: Step) -> dict | None:
+    """The JSON line a benchmark ends with, if it got that far."""
+    if step.returncode != 0:
+        return None
+    lines = [line for line in step.output.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+
+
+def failure(step: Step) -> str:
+    lines = [line for line in step.output.strip().splitlines() if line.strip()]
+    return f"{'timed out' if step.returncode is None else 'failed'}: {lines[-1] if lines else ''}"
+
+
+def recipe_rows(run, data_dir: Path, work: Path, sizes: Sizes) -> list[str]:
+    """d2l's recipe (10 epochs, batch 256, lr 0.1, 96×96 unless smoke) in fp32 and bf16."""
+    rows = ["| precision | loss | train acc | test acc | examples/sec | wall time | "
+            "test acc per epoch |", "|---|---|---|---|---|---|---|"]
+    for precision in ("fp32", "bf16"):
+        workdir = work / f"recipe_{precision}"
+        step = run(f"recipe_{precision}", ["-m", "train.main", "--data-dir", str(data_dir),
+                                           "--workdir", str(workdir), "--precision", precision,
+                                           *sizes.train], timeout=600)
+        if step.returncode != 0:
+            rows.append(f"| {precision} | {failure(step)} | | | | | |")
+            continue
+        records = [json.loads(line) for line in
+                   (workdir / "metrics.jsonl").read_text().splitlines()]
+        last = records[-1]
+        rate = step.output.strip().splitlines()[-1].split(" examples/sec")[0]
+        per_epoch = ", ".join(f"{record['test_acc']:.3f}" for record in records)
+        rows.append(f"| {precision} | {last['loss']:.3f} | {last['train_acc']:.3f} | "
+                    f"{last['test_acc']:.3f} | {rate} | {step.seconds:.0f} s | {per_epoch} |")
+    return rows
+
+
+def bench_rows(run, sizes: Sizes) -> list[str]:
+    """train.bench (d2l, a full SGD step) against PyTorch eager on the same device."""
+    rows = ["| kernels | precision | ours ex/s | PyTorch ex/s | ratio | compile | step memory |",
+            "|---|---|---|---|---|---|---|"]
+    for precision in ("fp32", "bf16"):
+        for kernels in ("reference", "xla_cpu"):
+            step = run(f"bench_{kernels}_{precision}",
+                       ["-m", "train.bench", "--preset", "d2l", "--precision", precision,
+                        "--kernels", kernels, *sizes.bench], timeout=300)
+            result = last_json(step)
+            if result is None:
+                rows.append(f"| {kernels} | {precision} | {failure(step)} | | | | |")
+                continue
+            rows.append(f"| {kernels} | {precision} | {result['jax_examples_per_sec']:,.0f} | "
+                        f"{result['torch_examples_per_sec']:,.0f} | {result['ratio']:.2f} | "
+                        f"{result['compile_seconds']:.0f} s | "
+                        f"{result['peak_bytes'] / 2**20:,.0f} MiB |")
+    return rows
+
+
+def remat_rows(run, sizes: Sizes) -> list[str]:
+    """densenet121 (fp32, default kernels): step time and compiled memory, with and without
+    remat."""
+    rows = ["| remat | step time | examples/sec | step memory |", "|---|---|---|---|"]
+    results = {}
+    for remat in (False, True):
+        step = run(f"densenet121{'_remat' if remat else ''}",
+                   ["-m", "train.bench", "--preset", "densenet121", "--no-torch",
+                    *(["--remat"] if remat else []), *sizes.densenet121], timeout=300)
+        result = results[remat] = last_json(step)
+        if result is None:
+            rows.append(f"| {remat} | {failure(step)} | | |")
+            continue
+        rate = result["jax_examples_per_sec"]
+        rows.append(f"| {remat} | {1000 * result['batch'] / rate:.1f} ms | {rate:,.1f} | "
+                    f"{result['peak_bytes'] / 2**20:,.0f} MiB |")
+    if results[False] and results[True]:
+        plain, remat = results[False], results[True]
+        rows += ["", f"remat: {plain['peak_bytes'] / remat['peak_bytes']:.2f}× less memory for "
+                     f"{plain['jax_examples_per_sec'] / remat['jax_examples_per_sec']:.2f}× the "
+                     f"step time."]
+    return rows
+
+
+def command(module_and_flags: str, extra: tuple[str, ...]) -> str:
+    return " ".join(["python -m", module_and_flags, *extra])
+
+
+def check(data_dir: Path, smoke: bool, out: Path | None) -> tuple[str, bool]:
+    """(the markdown block, whether every step succeeded)."""
+    sizes = SMOKE if smoke else FULL
+    logs = out / "gpu_check_logs" if out else None
+    if logs:
+        logs.mkdir(parents=True, exist_ok=True)
+    run = Runner(sizes.budget_seconds, logs)
+    env_step = run("environment", ["-c", ENVIRONMENT], timeout=300)
+    env = last_json(env_step)
+    if env is None:
+        raise SystemExit(f"error: JAX does not start here ({failure(env_step)})")
+    if env["backend"] == "cpu" and not smoke:
+        raise SystemExit("error: JAX sees no accelerator here, only the CPU; the full check "
+                         "needs a GPU or TPU (--smoke runs the same steps at tiny sizes)")
+    recipe = command("train.main --data-dir DATA_DIR --precision P", sizes.train)
+    bench = command("train.bench --preset d2l --precision P --kernels K", sizes.bench)
+    densenet121 = command("train.bench --preset densenet121 --no-torch", sizes.densenet121)
+    with tempfile.TemporaryDirectory() as work:
+        sections = [
+            f"### {'Smoke test' if smoke else 'GPU check'}: {env['device_kind']} "
+            f"({len(env['devices'])} × {env['backend']}), {time.strftime('%Y-%m-%d')}",
+            "",
+            f"Python {env['python']}, jax {env['jax']} (jaxlib {env['jaxlib']}), flax "
+            f"{env['flax']}, optax {env['optax']}, orbax {env['orbax']}, torch {env['torch']}.",
+            "",
+            f"d2l's recipe: `{recipe}` (wall time: the whole command, compilation and "
+            f"evaluation included)", "",
+            *recipe_rows(run, data_dir, Path(work), sizes), "",
+            f"Benchmark: `{bench}`", "",
+            *bench_rows(run, sizes), "",
+            f"densenet121: `{densenet121} [--remat]` (fp32)", "",
+            *remat_rows(run, sizes)]
+    block = "\n".join(sections) + "\n"
+    ok = "failed:" not in block and "timed out" not in block and "not run" not in block
+    return block, ok
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, any machine")
+    parser.add_argument("data_dir", type=Path, metavar="DATA_DIR",
+                        help="folder with the four Fashion-MNIST .gz files")
+    args = parser.parse_args(argv)
+    missing = [name for name in DATA_FILES if not (args.data_dir / name).is_file()]
+    if missing:
+        print(f"error: {args.data_dir} lacks {', '.join(missing)}; pass the folder that holds "
+              f"the four Fashion-MNIST .gz files", file=sys.stderr)
+        return 2
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    block, ok = check(args.data_dir.resolve(), args.smoke, out)
+    print(block, end="")
+    if out:
+        (out / "gpu_check.md").write_text(block)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

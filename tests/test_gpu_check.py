@@ -1,0 +1,50 @@
+"""scripts/gpu_check.sh: its smoke mode runs every step end to end on the CPU and prints the
+block for docs/RESULTS.md; bad input gets one line."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+
+
+def run(*args, out=None):
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("OUT", None)
+    if out:
+        env["OUT"] = str(out)
+    return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=1800)
+
+
+@pytest.mark.slow
+def test_smoke_mode_runs_every_step(data_dir, tmp_path):
+    result = run("--smoke", data_dir, out=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    block = result.stdout
+    assert block.startswith("### Smoke test: cpu")
+    assert (tmp_path / "gpu_check.md").read_text() == block
+    # Two recipe rows, four benchmark rows (both kernel sets, fp32 and bf16), two remat rows.
+    assert block.count("\n| fp32 | ") == 1 and block.count("\n| bf16 | ") == 1
+    for kernels in ("reference", "xla_cpu"):
+        for precision in ("fp32", "bf16"):
+            assert f"\n| {kernels} | {precision} | " in block
+    assert "\n| False | " in block and "\n| True | " in block and "less memory for" in block
+    logs = sorted(p.name for p in (tmp_path / "gpu_check_logs").iterdir())
+    assert len(logs) == 9 and "recipe_fp32.log" in logs
+
+
+def test_missing_data_is_one_line(tmp_path):
+    result = run("--smoke", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {tmp_path} lacks train-images-idx3-ubyte.gz")
+    assert result.stderr.count("\n") == 1 and not result.stdout
+
+
+def test_the_full_check_needs_an_accelerator(data_dir):
+    result = run(data_dir)  # this machine's JAX has the CPU only
+    assert result.returncode == 1
+    assert "JAX sees no accelerator here, only the CPU" in result.stderr
+    assert "Traceback" not in result.stderr
