@@ -57,8 +57,10 @@ class DenseNetConfig:
     def __post_init__(self):
         # Lists are accepted for convenience; the stored value is a tuple so the config
         # stays hashable (it is a static argument of jitted functions).
-        object.__setattr__(self, "block_config", tuple(self.block_config))
+        if isinstance(self.block_config, (list, tuple)):
+            object.__setattr__(self, "block_config", tuple(self.block_config))
         problems = list(_config_problems(self))
+        problems = problems or list(_channel_problems(self))
         if problems:
             raise ValueError("invalid DenseNetConfig: " + "; ".join(problems))
 
@@ -133,7 +135,9 @@ def _config_problems(cfg: DenseNetConfig):
     for name in ("stem_channels", "growth_rate", "bottleneck_width", "num_classes",
                  "in_channels"):
         yield from positive_int(name)
-    if not cfg.block_config:
+    if not isinstance(cfg.block_config, tuple):
+        yield f"block_config must be a sequence of positive integers, got {cfg.block_config!r}"
+    elif not cfg.block_config:
         yield "block_config must name at least one dense block, got ()"
     elif any(isinstance(n, bool) or not isinstance(n, int) or n <= 0
              for n in cfg.block_config):
@@ -146,6 +150,17 @@ def _config_problems(cfg: DenseNetConfig):
         yield f"dtype must be one of {tuple(_DTYPES)}, got {cfg.dtype!r}"
     if cfg.kernels not in KERNEL_SETS:
         yield f"kernels must be one of {KERNEL_SETS}, got {cfg.kernels!r}"
+    for name in ("bottleneck", "conv_bias", "remat"):
+        if not isinstance(getattr(cfg, name), bool):
+            yield f"{name} must be True or False, got {getattr(cfg, name)!r}"
+
+
+def _channel_problems(cfg: DenseNetConfig):
+    """For an otherwise valid config: every transition keeps at least one channel."""
+    channels = cfg.stage_channels()
+    if min(channels) < 1:
+        yield (f"compression {cfg.compression} leaves a transition with 0 channels "
+               f"(channels per stage: {channels}); raise compression")
 
 
 _BC = dict(bottleneck=True, conv_bias=False, global_pool="avg")

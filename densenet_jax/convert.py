@@ -100,10 +100,18 @@ def _variable_shapes(config: DenseNetConfig) -> dict[str, dict[Path, tuple[int, 
             for collection, tree in shapes.items()}
 
 
-def _to_numpy(value: Any, dtype) -> np.ndarray:
+def _to_numpy(key: str, value: Any, dtype) -> np.ndarray:
+    """state_dict[key] as a numpy array of `dtype`; ValueError naming the key if it is not
+    an array of numbers."""
     if hasattr(value, "detach"):  # a torch.Tensor; torch itself is not imported here
-        value = value.detach().cpu().numpy()
-    return np.asarray(value, dtype=dtype)
+        value = value.detach().cpu()
+        # numpy has no bfloat16 (nor float16 on every path): go through float64, exactly.
+        value = (value.double() if value.is_floating_point() else value).numpy()
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError):
+        raise ValueError(f"state_dict key {key!r} holds {type(value).__name__} "
+                         f"{str(value)[:40]!r}, not an array of numbers") from None
 
 
 def _list(keys) -> str:
@@ -118,6 +126,9 @@ def from_torch(state_dict: Mapping[str, Any], config: DenseNetConfig) -> dict:
     config implies (see module docstring). Raises ValueError naming any unknown, missing
     or mis-shaped key.
     """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"from_torch expects a state_dict (a mapping of names to tensors), "
+                        f"got {type(state_dict).__name__}; pass model.state_dict()")
     key_map = _key_map(config)
     given = {k for k in state_dict if not k.endswith(_IGNORED_SUFFIX)}
     hint = (f" (a {layout(config)}-layout state_dict is expected for this config: "
@@ -131,7 +142,7 @@ def from_torch(state_dict: Mapping[str, Any], config: DenseNetConfig) -> dict:
     shapes = _variable_shapes(config)
     variables: dict[str, dict[Path, np.ndarray]] = {"params": {}, "batch_stats": {}}
     for key, (collection, path, permutation) in key_map.items():
-        value = _to_numpy(state_dict[key], config.param_dtype)
+        value = _to_numpy(key, state_dict[key], config.param_dtype)
         expected = shapes[collection][path]
         if permutation is not None:
             if value.ndim != len(permutation):
@@ -157,7 +168,21 @@ def to_torch(variables: Mapping[str, Any], config: DenseNetConfig) -> dict:
     (`densenet_jax.torch_reference.reference_model(config)`), loadable with strict=True."""
     import torch  # only this direction needs it
 
+    if not isinstance(variables, Mapping) or not {"params", "batch_stats"} <= variables.keys():
+        given = list(variables) if isinstance(variables, Mapping) else type(variables).__name__
+        raise ValueError(f"to_torch needs variables with 'params' and 'batch_stats', as "
+                         f"model.init returns them, got {given}; pass the whole variables dict")
     flat = {c: flax.traverse_util.flatten_dict(variables[c]) for c in ("params", "batch_stats")}
+    expected = _variable_shapes(config)
+    for collection in ("params", "batch_stats"):
+        shapes = expected[collection]
+        found = {path: np.shape(leaf) for path, leaf in flat[collection].items()}
+        if found != shapes:
+            wrong = sorted("/".join(path) for path in shapes.keys() ^ found.keys()
+                           or (p for p in shapes if shapes[p] != found[p]))
+            raise ValueError(f"to_torch: the variables are not of this config ({collection} "
+                             f"differ at {', '.join(wrong[:3])}); pass the config they were "
+                             f"made with")
     state_dict = {}
     for prefix, _, kind in _modules(config):
         if kind == "bn":

@@ -64,6 +64,11 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,), stats_dtype)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), stats_dtype)
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), stats_dtype)
+        n = math.prod(x.shape[:-1])  # values per channel
+        if train and n <= 1:
+            raise ValueError(f"BatchNorm in training needs more than 1 value per channel, got "
+                             f"input of shape {tuple(x.shape)}: use a larger batch (or larger "
+                             f"images), or evaluate with train=False")
         if not train:
             y = (x - running_mean.value) * (scale * jax.lax.rsqrt(running_var.value
                                                                   + self.epsilon)) + bias
@@ -71,7 +76,6 @@ class BatchNorm(nn.Module):
         y, mean, var = self.kernels.batch_norm(x, scale, bias, epsilon=self.epsilon, relu=self.relu,
                                                feeds_1x1_conv=self.feeds_1x1_conv)
         if not self.is_initializing():
-            n = math.prod(x.shape[:-1])
             running_mean.value += self.momentum * (mean - running_mean.value)
             running_var.value += self.momentum * (var * (n / max(n - 1, 1)) - running_var.value)
         return y.astype(self.dtype)

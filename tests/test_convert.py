@@ -91,3 +91,36 @@ def test_weights_do_not_depend_on_the_kernel_set():
         back = densenet_jax.to_torch(variables, densenet_jax.preset("densenet121",
                                                                     kernels=kernels, **SMALL_BC))
         assert all(np.array_equal(back[key].numpy(), state[key].numpy()) for key in state)
+
+
+def test_bfloat16_state_dict_loads_as_its_float32_values():
+    config = densenet_jax.preset("d2l")
+    state = d2l_densenet(config).state_dict()
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+    loaded = densenet_jax.from_torch(half, config)
+    np.testing.assert_array_equal(loaded["params"]["stem_conv"]["kernel"],
+                                  half["0.0.weight"].float().numpy().transpose(2, 3, 1, 0))
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda state: list(state.items()), TypeError, "from_torch expects a state_dict .* got list"),
+    (lambda state: {**state, "12.bias": "zeros"}, ValueError,
+     "state_dict key '12.bias' holds str 'zeros', not an array of numbers"),
+])
+def test_from_torch_bad_containers_are_one_line(change, error, message):
+    config = densenet_jax.preset("d2l")
+    with pytest.raises(error, match=message) as raised:
+        densenet_jax.from_torch(change(d2l_densenet(config).state_dict()), config)
+    assert "\n" not in str(raised.value)
+
+
+def test_to_torch_checks_its_variables():
+    config = densenet_jax.preset("d2l")
+    variables = densenet_jax.DenseNet(config).init(jax.random.key(0), jnp.ones((1, 32, 32, 1)),
+                                                   train=False)
+    with pytest.raises(ValueError, match=r"to_torch needs variables with 'params' and "
+                                         r"'batch_stats'.*got \['params'\]"):
+        densenet_jax.to_torch({"params": variables["params"]}, config)
+    with pytest.raises(ValueError, match="to_torch: the variables are not of this config "
+                                         r"\(params differ at classifier/kernel, dense_block1/layer1/"):
+        densenet_jax.to_torch(variables, densenet_jax.preset("d2l", growth_rate=16))

@@ -4,6 +4,7 @@ import hashlib
 import http.server
 import shutil
 import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -105,7 +106,7 @@ class Server:
     """A local HTTP server on 127.0.0.1 serving `files`; names in `drop` are cut off
     after half their bytes (the connection closes mid-file)."""
 
-    def __init__(self, files: dict[str, bytes], drop=()):
+    def __init__(self, files: dict[str, bytes], drop=(), trickle=()):
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 body = files.get(self.path.lstrip("/"))
@@ -115,6 +116,14 @@ class Server:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if self.path.lstrip("/") in trickle:  # a byte every 50 ms: never idle long
+                    try:
+                        for byte in body:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            time.sleep(0.05)
+                    except ConnectionError:  # the client gave up
+                        return
                 cut = len(body) // 2 if self.path.lstrip("/") in drop else len(body)
                 self.wfile.write(body[:cut])
 
@@ -172,6 +181,47 @@ def test_dropped_connection_never_replaces_a_good_file(tmp_path, small_files):
         server.close()
     assert good.read_bytes() == b"a good file from before"
     assert list(tmp_path.iterdir()) == [good]
+
+
+def test_a_trickling_server_meets_the_deadline(tmp_path, small_files, capsys):
+    name = "train-labels-idx1-ubyte.gz"
+    server = Server(small_files, trickle={name})
+    try:
+        with pytest.raises(data.DataError, match=f"could not download .*{name}: still "
+                                                 f"incomplete after the deadline"):
+            data.download(name, tmp_path, base_url=server.url, timeout=5, deadline=1)
+    finally:
+        server.close()
+    assert list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err == f"downloading {server.url}{name} into {tmp_path}\n"
+
+
+def test_stale_partial_downloads_are_removed(tmp_path, small_files):
+    name = "t10k-labels-idx1-ubyte.gz"
+    stale = tmp_path / f".{name}.abc123.part"
+    stale.write_bytes(b"half a file from a killed run")
+    server = Server(small_files)
+    try:
+        data.download(name, tmp_path, base_url=server.url)
+    finally:
+        server.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("damage", ["folder_for_file", "data_dir_is_file"])
+def test_file_system_mistakes_in_the_data_folder_are_one_line(data_dir, tmp_path, damage):
+    folder = copy_data(data_dir, tmp_path)
+    if damage == "folder_for_file":
+        (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+        (folder / "t10k-labels-idx1-ubyte.gz").mkdir()
+        message = "t10k-labels-idx1-ubyte.gz is a folder, expected the Fashion-MNIST file"
+    else:
+        folder = tmp_path / "a_file"
+        folder.write_text("")
+        message = "a_file is not a folder; pass --data-dir"
+    with pytest.raises(data.DataError, match=message) as error:
+        data.load(data.DataConfig(data_dir=str(folder)))
+    assert "\n" not in str(error.value)
 
 
 def test_cache_folder_is_the_default(monkeypatch, tmp_path):

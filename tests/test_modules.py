@@ -172,6 +172,11 @@ def test_densenet121_matches_torchvision_size():
     (dict(global_pool="sum"), "global_pool must be one of"),
     (dict(dtype="float16"), "dtype must be one of"),
     (dict(num_classes=0), "num_classes must be a positive integer"),
+    (dict(block_config=4), "block_config must be a sequence of positive integers, got 4"),
+    (dict(bottleneck="no"), "bottleneck must be True or False, got 'no'"),
+    (dict(remat="yes"), "remat must be True or False, got 'yes'"),
+    (dict(conv_bias=1), "conv_bias must be True or False, got 1"),
+    (dict(compression=0.001), r"compression 0.001 leaves a transition with 0 channels"),
 ])
 def test_invalid_config_values(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -201,6 +206,22 @@ def test_bad_input_is_rejected_before_xla(x, error, message):
     variables = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 1)), train=False)
     with pytest.raises(error, match=message):
         jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+
+
+@pytest.mark.parametrize("shape, where", [
+    ((0, 32, 32, 1), "a batch of 0 examples"),
+    ((1, 32, 32, 1), "batch 1 at 32×32: the last map is 1×1"),
+])
+def test_training_batch_norm_needs_two_values_per_channel(shape, where):
+    """PyTorch: "Expected more than 1 value per channel when training"; silently, a batch of
+    0 would turn the running statistics into NaN and one value per channel zero the logits."""
+    model = DenseNet(densenet_jax.preset("d2l"))
+    variables = model.init(jax.random.key(0), jnp.ones((2, 32, 32, 1)), train=False)
+    with pytest.raises(ValueError, match=r"BatchNorm in training needs more than 1 value per "
+                                         r"channel, got input of shape \("):
+        model.apply(variables, jnp.ones(shape), train=True, mutable=["batch_stats"])
+    # Evaluation uses the running statistics: any batch is fine.
+    chex.assert_shape(model.apply(variables, jnp.ones((1, 32, 32, 1)), train=False), (1, 10))
 
 
 def test_smallest_accepted_input_runs():

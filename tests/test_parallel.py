@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,8 +117,33 @@ def test_two_process_cli_run(data_dir, tmp_path):
      "JAX_NUM_PROCESSES='two' is not a non-negative integer"),
     ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
      "JAX_PROCESS_ID=2 must be below JAX_NUM_PROCESSES=2"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:99999"}, r"is not host:port \(port 1..65535"),
+    ({"JAX_COORDINATOR_ADDRESS": "http://10.0.0.1:1234"}, r"is not host:port .*no scheme"),
+    ({"JAX_COORDINATOR_ADDRESS": "no-such-host.invalid:1234"},
+     "host 'no-such-host.invalid' is unknown"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "DENSENET_JAX_JOIN_TIMEOUT": "soon"},
+     "DENSENET_JAX_JOIN_TIMEOUT='soon' must be a positive number of seconds"),
 ])
 def test_bad_distributed_environment_is_named(env, message):
-    with pytest.raises(ValueError, match=message):
-        initialize_distributed(env)
+    with pytest.raises(ValueError, match=message) as error:
+        initialize_distributed(env, log=lambda *args, **kwargs: None)
+    assert "\n" not in str(error.value)
     assert initialize_distributed({}) is False
+
+
+def test_a_coordinator_that_never_comes_is_one_line_after_the_timeout(capsys):
+    """Process 1 waits for process 0, which never starts: it says so at once, then fails
+    in one line after DENSENET_JAX_JOIN_TIMEOUT (JAX itself would abort with a C++ stack)."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+           "JAX_PROCESS_ID": "1", "DENSENET_JAX_JOIN_TIMEOUT": "2"}
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f"no coordinator answered at 127.0.0.1:{port} within "
+                                         f"2 s; start process 0"):
+        initialize_distributed(env)
+    assert 2 <= time.monotonic() - start < 30
+    assert capsys.readouterr().out == (f"waiting up to 2 s for 2 processes to join at "
+                                       f"127.0.0.1:{port} ($DENSENET_JAX_JOIN_TIMEOUT sets the "
+                                       f"wait)\n")

@@ -104,12 +104,16 @@ def test_train_step_compiles_once_per_shape(data_dir, splits, tmp_path):
 
 
 def test_ctrl_c_says_how_to_resume(data_dir, tmp_path, capsys, monkeypatch):
-    def interrupted(*args, **kwargs):
+    def interrupted_after_epoch_3(*args, **kwargs):
+        for epoch in (1, 2, 3):
+            (tmp_path / "checkpoints" / str(epoch)).mkdir(parents=True)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "fit", interrupted)
+    monkeypatch.setattr(cli, "fit", interrupted_after_epoch_3)
     assert run_cli(data_dir, tmp_path, "--limit-train", "600") == 130
-    assert "continue with the same command plus --resume" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == (
+        f"interrupted: epochs up to 3 are saved in {tmp_path / 'checkpoints'}; continue with "
+        f"the same command plus --resume")
 
 
 @pytest.mark.parametrize("args, message", [

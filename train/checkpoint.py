@@ -3,6 +3,9 @@ the metrics so far. Orbax writes into a temporary folder and renames it when com
 an interrupted save leaves the previous checkpoint as the latest."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import shutil
 from pathlib import Path
 
 import jax
@@ -18,7 +21,32 @@ class CheckpointError(Exception):
 
 def manager(workdir: Path) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
+    with _quiet("absl"):  # orbax logs each damaged checkpoint it meets; `restore` says it once
+        return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
+
+
+def saved_epochs(workdir: Path) -> list[int]:
+    """The epochs whose checkpoint folder is complete (orbax renames it when done)."""
+    folder = workdir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def claim(workdir: Path, resume: bool, overwrite: bool, delete: bool = True) -> None:
+    """Make sure a new run never mixes with an old one in `workdir`: without --resume, a
+    workdir holding checkpoints is refused, or emptied with --overwrite (by the process
+    that `delete`s, one per run)."""
+    epochs = saved_epochs(workdir)
+    if resume or not epochs or (overwrite and not delete):
+        return
+    if not overwrite:
+        raise CheckpointError(
+            f"{workdir} already holds a run (checkpoints up to epoch {epochs[-1]}); continue "
+            f"it with --resume, choose another --workdir, or replace it with --overwrite")
+    shutil.rmtree(workdir / "checkpoints")
+    for name in ("metrics.jsonl", "curves.png", "config.json"):
+        (workdir / name).unlink(missing_ok=True)
 
 
 def save(mngr: ocp.CheckpointManager, epoch: int, state: TrainState, key: jax.Array,
@@ -30,13 +58,40 @@ def save(mngr: ocp.CheckpointManager, epoch: int, state: TrainState, key: jax.Ar
     mngr.wait_until_finished()
 
 
-def restore(mngr: ocp.CheckpointManager, state: TrainState, run_fields: dict
+def restore(mngr: ocp.CheckpointManager, state: TrainState, run_fields: dict, log=print
             ) -> tuple[TrainState, int, jax.Array, list[dict]]:
-    """(state, last complete epoch, RNG key, metrics history) of the latest checkpoint."""
-    epoch = mngr.latest_step()
-    if epoch is None:
+    """(state, last complete epoch, RNG key, metrics history) of the newest checkpoint that
+    restores; each damaged one skipped is named in one line through `log`."""
+    with _quiet("absl"):
+        epochs = sorted(mngr.all_steps(), reverse=True)
+    if not epochs:
         raise CheckpointError(f"--resume: no checkpoint in {mngr.directory}; start without "
                               f"--resume, or point --workdir at the run to continue")
+    for epoch in epochs:
+        try:
+            with _quiet("absl"):  # orbax logs each parse error before raising it
+                restored = _restore_epoch(mngr, epoch, state, run_fields)
+        except CheckpointError:
+            raise
+        except Exception as error:  # noqa: BLE001 (orbax, tensorstore, JSON: all mean damaged)
+            # Moved aside, not deleted: orbax would refuse to save this epoch again.
+            aside = Path(mngr.directory).parent / "damaged_checkpoints" / str(epoch)
+            aside.parent.mkdir(exist_ok=True)
+            shutil.rmtree(aside, ignore_errors=True)
+            Path(mngr.directory, str(epoch)).rename(aside)
+            log(f"skipped checkpoint {epoch}: it does not restore ({_first_line(error)}); "
+                f"moved to {aside}")
+            continue
+        with _quiet("absl"):
+            mngr.reload()
+        return restored
+    raise CheckpointError(f"--resume: no checkpoint in {mngr.directory} restores (each one "
+                          f"is now in {Path(mngr.directory).parent / 'damaged_checkpoints'}); "
+                          f"start again without --resume")
+
+
+def _restore_epoch(mngr: ocp.CheckpointManager, epoch: int, state: TrainState,
+                   run_fields: dict) -> tuple[TrainState, int, jax.Array, list[dict]]:
     meta = mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     saved = without_computation_fields(meta["config"])
     if saved != run_fields:
@@ -44,11 +99,34 @@ def restore(mngr: ocp.CheckpointManager, state: TrainState, run_fields: dict
         raise CheckpointError(f"--resume: the checkpoint in {mngr.directory} is of another "
                               f"configuration ({'; '.join(differences[:3])}); rerun with the "
                               f"same settings or use another --workdir")
+    total = run_fields["train"]["epochs"]
+    if not 0 < epoch <= total or meta["epoch"] != epoch or len(meta["history"]) != epoch:
+        raise CheckpointError(f"--resume: checkpoint {mngr.directory / str(epoch)} claims "
+                              f"epoch {meta['epoch']} of a {total}-epoch run; it is not this "
+                              f"run's: use another --workdir, or --overwrite")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpoint_tree(state))
     tree = mngr.restore(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))["state"]
     key = jax.random.wrap_key_data(jax.numpy.asarray(meta["key"], dtype="uint32"))
     return replace_from_tree(state, tree), epoch, key, meta["history"]
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """The named logger silenced below CRITICAL, for the duration."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -10,8 +10,9 @@ import gzip
 import hashlib
 import http.client
 import os
-import shutil
+import sys
 import tempfile
+import time
 import urllib.request
 import zlib
 from pathlib import Path
@@ -79,16 +80,21 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(name: str, folder: Path, base_url: str = MIRROR, timeout: float = 60.0) -> Path:
+def download(name: str, folder: Path, base_url: str = MIRROR, timeout: float = 60.0,
+             deadline: float = 600.0) -> Path:
     """Fetch one official file into `folder`, checking its sha256. The bytes go to a
-    temporary file first, so a failed or partial download never replaces a good file."""
+    temporary file first, so a failed or partial download never replaces a good file.
+    `timeout` bounds each read, `deadline` the whole download (seconds)."""
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f".{name}.*.part"):  # left by a download that was killed
+        stale.unlink(missing_ok=True)
     target = folder / name
     url = base_url + name
+    print(f"downloading {url} into {folder}", file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, out)
+            copy_until(response, out, time.monotonic() + deadline, url)
             size, received = response.headers.get("Content-Length"), out.tell()
         if size is not None and received != int(size):
             raise DataError(f"could not download {url}: the connection dropped after "
@@ -107,10 +113,22 @@ def download(name: str, folder: Path, base_url: str = MIRROR, timeout: float = 6
     return target
 
 
+def copy_until(source, out, end: float, url: str, chunk: int = 1 << 16) -> None:
+    """Copy `source` to `out` as shutil.copyfileobj does, but give up at monotonic time
+    `end`: a server that trickles bytes would otherwise keep a run waiting forever."""
+    while block := source.read1(chunk):  # whatever has arrived: read() waits for all
+        out.write(block)
+        if time.monotonic() > end:
+            raise DataError(f"could not download {url}: still incomplete after the deadline "
+                            f"({out.tell()} bytes received); try again, or download the file "
+                            f"by hand into the data folder")
+
+
 def ensure_files(folder: Path, may_download: bool, base_url: str = MIRROR) -> None:
     """Every official file present with its official sha256, downloading where allowed."""
     if not may_download and not folder.is_dir():
-        raise DataError(f"data folder {folder} does not exist; pass --data-dir (or set "
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"data folder {folder} {what}; pass --data-dir (or set "
                         f"{ENV_VAR}) to a folder holding the four Fashion-MNIST .gz files")
     for name, expected in FILES.items():
         path = folder / name
@@ -119,9 +137,21 @@ def ensure_files(folder: Path, may_download: bool, base_url: str = MIRROR) -> No
                 raise DataError(f"{path} is missing; put the official Fashion-MNIST file "
                                 f"{name} there (from {MIRROR}{name})")
             download(name, folder, base_url)
-        elif (actual := sha256(path)) != expected:
+        elif (actual := readable_sha256(path)) != expected:
             raise DataError(f"{path} has sha256 {actual}, expected {expected}; the file is "
                             f"damaged or not the official one: replace it with {MIRROR}{name}")
+
+
+def readable_sha256(path: Path) -> str:
+    """`sha256(path)`; DataError, in one line, for a folder or an unreadable file."""
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, expected the Fashion-MNIST file {path.name}; "
+                        f"replace it with {MIRROR}{path.name}")
+    try:
+        return sha256(path)
+    except OSError as error:
+        raise DataError(f"cannot read {path} ({error.strerror}); make it readable, or pass "
+                        f"--data-dir to another copy") from None
 
 
 def read_idx(path: Path, expected_ndim: int) -> np.ndarray:

@@ -27,6 +27,13 @@ class NonFiniteLossError(Exception):
     """Training diverged; the last good checkpoint is kept."""
 
 
+def diverged(loss: float, num_classes: int) -> bool:
+    """Whether an epoch's mean training loss says training has diverged: not finite, or
+    above 10 · ln(classes) (23 for 10 classes), ten times the loss of a uniform guess,
+    which no classifier that is still learning averages over a whole epoch."""
+    return not np.isfinite(loss) or loss > 10 * math.log(num_classes)
+
+
 def device_name(mesh=None) -> str:
     """"cpu:0 (cpu)" for one device; "4 × cpu (cpu), 2 processes" for a mesh of several."""
     devices = list((mesh or data_mesh()).devices.flat)
@@ -65,9 +72,10 @@ def warm_up(state, images: jax.Array, labels: jax.Array, run: RunConfig, mesh) -
 
 
 def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = False,
-        log=print, mesh=None) -> list[dict]:
+        log=print, mesh=None, overwrite: bool = False) -> list[dict]:
     """Train as `run` says, data-parallel over `mesh` (default: every device); returns one
-    record per epoch (also in workdir/metrics.jsonl).
+    record per epoch (also in workdir/metrics.jsonl). A workdir holding another run's
+    checkpoints is refused unless `resume` (continue it) or `overwrite` (replace it).
 
     In a multi-process run every process calls this alike; process 0 logs and writes the
     files, and all of them take part in the checkpoints."""
@@ -75,6 +83,8 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
     mesh = mesh or data_mesh()
     lead = jax.process_index() == 0
     log = log if lead else _silent
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint.claim(workdir, resume, overwrite, delete=lead)  # every process: all refuse alike
     train_split = splits["train"].head(cfg.limit_train) if cfg.limit_train else splits["train"]
     num_train = len(train_split)
     steps_per_epoch = math.ceil(num_train / cfg.batch_size)
@@ -83,12 +93,12 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
     init_key, data_key = jax.random.split(jax.random.key(cfg.seed))
     state = replicate(create_train_state(model, optimizer, init_key, cfg.resize), mesh)
 
-    workdir.mkdir(parents=True, exist_ok=True)
     mngr = checkpoint.manager(workdir)
     run_fields = run.result_fields()
     history, start_epoch = [], 0
     if resume:
-        state, start_epoch, data_key, history = checkpoint.restore(mngr, state, run_fields)
+        state, start_epoch, data_key, history = checkpoint.restore(mngr, state, run_fields,
+                                                                   log=log)
         log(f"resumed from epoch {start_epoch} in {mngr.directory}")
     data_key = replicate(data_key, mesh)
     if lead:
@@ -102,6 +112,7 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
     # The evaluation order never changes: cut and placed on the devices once.
     test_batches = sequential_batches(len(splits["test"]), cfg.batch_size, mesh)
     show_progress = lead and sys.stderr.isatty()
+    log("compiling train_step (tens of seconds)")
     compile_seconds = warm_up(state, train_images, train_labels, run, mesh)
     log(f"train_step compiled in {compile_seconds:.1f} s")
 
@@ -121,11 +132,12 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
         metrics = jax.device_get(metrics)  # waits for the last step
         train_seconds = time.perf_counter() - start
         loss = float(metrics["loss_sum"]) / int(metrics["count"])
-        if not np.isfinite(loss):
+        if diverged(loss, model_cfg.num_classes):
             kept = (f"the last good checkpoint (epoch {epoch - 1}) is kept in {mngr.directory}"
                     if epoch > 1 else "no epoch completed, so nothing was saved")
-            raise NonFiniteLossError(f"the loss became {loss} in epoch {epoch}, training "
-                                     f"stopped; {kept}; lower --lr and start again")
+            raise NonFiniteLossError(f"the loss became {loss:.4g} in epoch {epoch}, training "
+                                     f"stopped; {kept}; training diverged: lower --lr and "
+                                     f"start again")
         record = {"epoch": epoch, "loss": loss,
                   "train_acc": int(metrics["correct"]) / int(metrics["count"]),
                   "test_acc": evaluate(state, test_images, test_labels, test_batches,

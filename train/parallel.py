@@ -9,6 +9,8 @@ device. Multi-process runs start with `initialize_distributed()`.
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 import jax
 import numpy as np
@@ -17,18 +19,20 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
-def initialize_distributed(environ=os.environ) -> bool:
+JOIN_TIMEOUT_VAR = "DENSENET_JAX_JOIN_TIMEOUT"  # seconds a process waits for the others
+
+
+def initialize_distributed(environ=os.environ, log=print) -> bool:
     """`jax.distributed.initialize()` when JAX_COORDINATOR_ADDRESS (host:port of process 0)
     is set, with JAX_NUM_PROCESSES and JAX_PROCESS_ID where given (clusters that jax
     detects itself, SLURM, Open MPI, Kubernetes, Cloud TPU, fill in the rest); returns
-    whether it did. ValueError, in one line, for a malformed value or a failed join."""
+    whether it did. Says in one line what it waits for, and for how long
+    (DENSENET_JAX_JOIN_TIMEOUT seconds, default 300). ValueError, in one line, for a
+    malformed value, a coordinator that cannot be reached in that time, or a failed join."""
     address = environ.get("JAX_COORDINATOR_ADDRESS")
     if not address:
         return False
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"JAX_COORDINATOR_ADDRESS={address!r} is not host:port; set it to "
-                         f"the address of process 0, e.g. 10.0.0.1:12345")
+    host, port = coordinator(address)
     counts = {}
     for name, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
         value = environ.get(name)
@@ -41,13 +45,57 @@ def initialize_distributed(environ=os.environ) -> bool:
     if counts.get("process_id", 0) >= counts.get("num_processes", 1 << 30):
         raise ValueError(f"JAX_PROCESS_ID={counts['process_id']} must be below "
                          f"JAX_NUM_PROCESSES={counts['num_processes']}")
+    timeout = join_timeout(environ)
+    processes = counts.get("num_processes", "all")
+    log(f"waiting up to {timeout} s for {processes} processes to join at {address} "
+        f"(${JOIN_TIMEOUT_VAR} sets the wait)", flush=True)
+    if counts.get("process_id", 0) > 0:
+        wait_for_coordinator(host, port, timeout)
     try:
-        jax.distributed.initialize(**counts)
+        jax.distributed.initialize(**counts, initialization_timeout=timeout)
     except RuntimeError as error:  # the coordinator's gRPC status, several lines long
         raise ValueError(f"could not join the run at JAX_COORDINATOR_ADDRESS={address}: "
                          f"{str(error).splitlines()[0]}; check that process 0 is running "
                          f"and reachable") from error
     return True
+
+
+def coordinator(address: str) -> tuple[str, int]:
+    """(host, port) of a JAX_COORDINATOR_ADDRESS; ValueError, in one line, unless it is
+    host:port with a port in 1..65535 and a host that resolves."""
+    host, _, port = address.rpartition(":")
+    if not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"JAX_COORDINATOR_ADDRESS={address!r} is not host:port (port 1..65535, "
+                         f"no scheme); set it to the address of process 0, e.g. 10.0.0.1:12345")
+    try:
+        socket.getaddrinfo(host.strip("[]"), int(port))
+    except OSError as error:
+        raise ValueError(f"JAX_COORDINATOR_ADDRESS={address}: host {host!r} is unknown "
+                         f"({error.strerror or error}); check the name of process 0's machine") from None
+    return host.strip("[]"), int(port)
+
+
+def join_timeout(environ=os.environ) -> int:
+    value = environ.get(JOIN_TIMEOUT_VAR, "300")
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(f"{JOIN_TIMEOUT_VAR}={value!r} must be a positive number of seconds")
+    return int(value)
+
+
+def wait_for_coordinator(host: str, port: int, timeout: float) -> None:
+    """Return once process 0's coordinator accepts connections; ValueError, in one line,
+    if it does not within `timeout` seconds (JAX would abort the process after it)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+            return
+        except OSError:
+            if time.monotonic() > end:
+                raise ValueError(f"no coordinator answered at {host}:{port} within {timeout} s; "
+                                 f"start process 0 (JAX_PROCESS_ID=0) there, or check "
+                                 f"JAX_COORDINATOR_ADDRESS") from None
+            time.sleep(0.5)
 
 
 def data_mesh(devices=None) -> Mesh:

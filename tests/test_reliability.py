@@ -1,0 +1,211 @@
+"""Nothing lost, nothing cryptic: reused workdirs, damaged checkpoints, signals, file-system
+mistakes, divergence, out of memory, and what a newcomer sees."""
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from train import main as cli
+from train.loop import diverged
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ("--resize", "32", "--limit-train", "300", "--batch-size", "100")
+
+
+def run_cli(data_dir, workdir, *args):
+    return cli.main(["--data-dir", str(data_dir), "--workdir", str(workdir), *QUICK, *args])
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def two_epochs(data_dir, tmp_path_factory):
+    """A finished two-epoch run's workdir, copied by each test that changes it."""
+    workdir = tmp_path_factory.mktemp("two_epochs")
+    assert run_cli(data_dir, workdir, "--epochs", "2") == 0
+    return workdir
+
+
+def copy_run(source: Path, tmp_path: Path) -> Path:
+    subprocess.run(["cp", "-a", str(source), str(tmp_path / "run")], check=True)
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_a_used_workdir_is_refused_without_resume_or_overwrite(data_dir, two_epochs, tmp_path,
+                                                                capsys):
+    workdir = copy_run(two_epochs, tmp_path)
+    before = (workdir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert run_cli(data_dir, workdir, "--epochs", "1", "--lr", "0.05") == 1
+    err = one_error_line(capsys)
+    assert "already holds a run (checkpoints up to epoch 2); continue it with --resume" in err
+    assert (workdir / "metrics.jsonl").read_text() == before  # nothing touched
+
+    assert run_cli(data_dir, workdir, "--epochs", "1", "--lr", "0.05", "--overwrite") == 0
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 1
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["recipe"]["learning_rate"] == 0.05
+    assert saved["data"]["download"] is False  # --data-dir: nothing is downloaded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncate", "delete", "garble_meta"])
+def test_resume_skips_a_damaged_latest_checkpoint(data_dir, two_epochs, tmp_path, capfd, caplog,
+                                                  damage):
+    workdir = copy_run(two_epochs, tmp_path)
+    latest = workdir / "checkpoints" / "2"
+    files = sorted(p for p in latest.rglob("*") if p.is_file())
+    if damage == "truncate":
+        for path in files:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "delete":
+        for path in files:
+            if "state" in path.parts:
+                path.unlink()
+    else:
+        (latest / "meta" / "metadata").write_text("{not json")
+    capfd.readouterr()
+    assert run_cli(data_dir, workdir, "--epochs", "2", "--resume") == 0
+    out = capfd.readouterr()
+    assert out.err == ""
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # orbax's own log
+    skipped = [line for line in out.out.splitlines() if line.startswith("skipped checkpoint 2")]
+    assert len(skipped) == 1 and skipped[0].endswith(f"moved to {workdir}/damaged_checkpoints/2")
+    assert "resumed from epoch 1" in out.out
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_resume_with_every_checkpoint_damaged_is_one_line(data_dir, two_epochs, tmp_path, capfd):
+    workdir = copy_run(two_epochs, tmp_path)
+    for path in (workdir / "checkpoints").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+    capfd.readouterr()
+    assert run_cli(data_dir, workdir, "--epochs", "2", "--resume") == 1
+    err = one_error_line(capfd)
+    assert f"no checkpoint in {workdir.absolute()}/checkpoints restores" in err
+    # Starting again is now possible, and the damaged ones are kept aside.
+    assert sorted(p.name for p in (workdir / "damaged_checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_the_divergence_rule():
+    assert diverged(float("nan"), 10) and diverged(float("inf"), 10)
+    assert diverged(4.8e35, 10) and diverged(23.1, 10)  # 10 · ln 10 = 23.03
+    assert not diverged(2.31, 10) and not diverged(22.9, 10)
+
+
+@pytest.mark.slow
+def test_a_huge_lr_stops_as_diverged(data_dir, tmp_path, capsys):
+    assert run_cli(data_dir, tmp_path, "--epochs", "2", "--lr", "1e6") == 1
+    err = one_error_line(capsys)
+    assert "in epoch 1, training stopped; no epoch completed, so nothing was saved; " \
+           "training diverged: lower --lr" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", str(2**70)], "--seed must be in 0..4294967295, got 1180591620717411303424"),
+    (["--seed", "-1"], "--seed must be in 0..4294967295, got -1"),
+    (["--resume", "--overwrite"], "pass one of them"),
+])
+def test_more_bad_arguments(data_dir, tmp_path, capsys, args, message):
+    assert run_cli(data_dir, tmp_path, *args) == 1
+    assert message in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("where", ["a_file", "below_a_file"])
+def test_a_workdir_that_cannot_be_a_folder_is_one_line(data_dir, tmp_path, capsys, where):
+    (tmp_path / "a_file").write_text("")
+    workdir = tmp_path / "a_file" / ("" if where == "a_file" else "run")
+    assert run_cli(data_dir, workdir) == 1
+    err = one_error_line(capsys)
+    assert str(workdir) in err and "choose another --workdir" in err
+
+
+def test_out_of_memory_names_the_flags(data_dir, tmp_path, capsys, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                           "107374182400 bytes.\nmore lines of XLA's status")
+
+    monkeypatch.setattr(cli, "fit", exhausted)
+    assert run_cli(data_dir, tmp_path, "--batch-size", "100000") == 1
+    err = one_error_line(capsys)
+    assert "out of memory at --batch-size 100000, --resize 32; lower them" in err
+
+
+def test_interrupted_before_any_epoch_says_so(data_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "fit", interrupted)
+    assert run_cli(data_dir, tmp_path) == 130
+    assert capsys.readouterr().err.strip() == ("interrupted before any epoch was saved; start "
+                                               "again with the same command")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_last_epoch_and_says_how_to_resume(data_dir, tmp_path):
+    """A scheduler's SIGTERM, sent once epoch 1 is saved: the run ends as with Ctrl-C."""
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "train.main", "--data-dir", str(data_dir), "--workdir",
+         str(workdir), *QUICK, "--epochs", "50"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("epoch 1/50"):
+            process.send_signal(signal.SIGTERM)
+            break
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: epochs up to ") and last.endswith(
+        "continue with the same command plus --resume")
+    saved = int(last.split("epochs up to ")[1].split()[0])
+    assert saved >= 1 and (workdir / "checkpoints" / str(saved)).is_dir()
+
+
+@pytest.mark.slow
+def test_start_up_says_what_it_is_doing(data_dir, tmp_path, capsys):
+    assert run_cli(data_dir, tmp_path, "--epochs", "1") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["loading Fashion-MNIST (idx)", "compiling train_step (tens of seconds)"]
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_plot_shows_one_epoch_and_labels_its_axes():
+    from train.plots import curves_figure
+
+    fig = curves_figure([{"epoch": 1, "loss": 0.9, "train_acc": 0.7, "test_acc": 0.65}])
+    loss_ax, acc_ax = fig.axes
+    assert (loss_ax.get_ylabel(), acc_ax.get_ylabel()) == ("loss", "accuracy")
+    assert loss_ax.get_xlabel() == acc_ax.get_xlabel() == "epoch"
+    lines = loss_ax.get_lines() + acc_ax.get_lines()
+    assert [line.get_label() for line in lines] == ["train loss", "train acc", "test acc"]
+    assert all(line.get_marker() not in (None, "None", "") for line in lines)  # one point shows
+    fig.canvas.draw()
+    ticks = [t for t in acc_ax.get_xticks() if acc_ax.get_xlim()[0] <= t <= acc_ax.get_xlim()[1]]
+    assert ticks == [1.0]  # whole epochs only
+
+
+def test_help_shows_defaults_and_suggests_resize_32(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "add --resize 32" in text and "(default: 256)" in text and "(default: 96)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
