@@ -21,7 +21,7 @@ class CheckpointError(Exception):
 
 def manager(workdir: Path) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-    with _quiet("absl"):  # orbax logs each damaged checkpoint it meets; `restore` says it once
+    with _quiet("absl"):  # as in `restore`
         return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
 
 
@@ -62,29 +62,27 @@ def restore(mngr: ocp.CheckpointManager, state: TrainState, run_fields: dict, lo
             ) -> tuple[TrainState, int, jax.Array, list[dict]]:
     """(state, last complete epoch, RNG key, metrics history) of the newest checkpoint that
     restores; each damaged one skipped is named in one line through `log`."""
-    with _quiet("absl"):
+    with _quiet("absl"):  # orbax logs each damaged checkpoint it meets; this says it once
         epochs = sorted(mngr.all_steps(), reverse=True)
-    if not epochs:
-        raise CheckpointError(f"--resume: no checkpoint in {mngr.directory}; start without "
-                              f"--resume, or point --workdir at the run to continue")
-    for epoch in epochs:
-        try:
-            with _quiet("absl"):  # orbax logs each parse error before raising it
+        if not epochs:
+            raise CheckpointError(f"--resume: no checkpoint in {mngr.directory}; start without "
+                                  f"--resume, or point --workdir at the run to continue")
+        for epoch in epochs:
+            try:
                 restored = _restore_epoch(mngr, epoch, state, run_fields)
-        except CheckpointError:
-            raise
-        except Exception as error:  # noqa: BLE001 (orbax, tensorstore, JSON: all mean damaged)
-            # Moved aside, not deleted: orbax would refuse to save this epoch again.
-            aside = Path(mngr.directory).parent / "damaged_checkpoints" / str(epoch)
-            aside.parent.mkdir(exist_ok=True)
-            shutil.rmtree(aside, ignore_errors=True)
-            Path(mngr.directory, str(epoch)).rename(aside)
-            log(f"skipped checkpoint {epoch}: it does not restore ({_first_line(error)}); "
-                f"moved to {aside}")
-            continue
-        with _quiet("absl"):
+            except CheckpointError:
+                raise
+            except Exception as error:  # noqa: BLE001 (orbax, tensorstore, JSON: all mean damaged)
+                # Moved aside, not deleted: orbax would refuse to save this epoch again.
+                aside = Path(mngr.directory).parent / "damaged_checkpoints" / str(epoch)
+                aside.parent.mkdir(exist_ok=True)
+                shutil.rmtree(aside, ignore_errors=True)
+                Path(mngr.directory, str(epoch)).rename(aside)
+                log(f"skipped checkpoint {epoch}: it does not restore ({_first_line(error)}); "
+                    f"moved to {aside}")
+                continue
             mngr.reload()
-        return restored
+            return restored
     raise CheckpointError(f"--resume: no checkpoint in {mngr.directory} restores (each one "
                           f"is now in {Path(mngr.directory).parent / 'damaged_checkpoints'}); "
                           f"start again without --resume")

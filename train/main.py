@@ -144,13 +144,17 @@ def out_of_memory(error: Exception) -> bool:
     return isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error)
 
 
+def saved(workdir: Path) -> str | None:
+    """"epochs up to N are saved in DIR", or None when no epoch is."""
+    epochs = saved_epochs(workdir)
+    return f"epochs up to {epochs[-1]} are saved in {workdir / 'checkpoints'}" if epochs else None
+
+
 def interrupted_message(workdir: Path) -> str:
     """What an interruption leaves: the epochs saved, and how to go on."""
-    epochs = saved_epochs(workdir)
-    if not epochs:
+    if not (what := saved(workdir)):
         return "interrupted before any epoch was saved; start again with the same command"
-    return (f"interrupted: epochs up to {epochs[-1]} are saved in {workdir / 'checkpoints'}; "
-            f"continue with the same command plus --resume")
+    return f"interrupted: {what}; continue with the same command plus --resume"
 
 
 @contextlib.contextmanager
@@ -186,8 +190,9 @@ def main(argv=None) -> int:
     except Exception as error:  # noqa: BLE001
         if not out_of_memory(error):
             raise
+        kept = saved(workdir)
         print(f"error: out of memory at --batch-size {args.batch_size}, --resize "
-              f"{args.resize}; lower them (or add --remat){resume_hint(workdir)}",
+              f"{args.resize}; lower them (or add --remat){'; ' + kept if kept else ''}",
               file=sys.stderr)
         return 1
     if history and jax.process_index() == 0:
@@ -195,12 +200,3 @@ def main(argv=None) -> int:
     return 0
 
 
-def resume_hint(workdir: Path) -> str:
-    epochs = saved_epochs(workdir)
-    return (f"; epochs up to {epochs[-1]} are saved in {workdir / 'checkpoints'}"
-            if epochs else "")
-
-
-if __name__ == "__main__":
-    configure_host()  # before JAX starts
-    sys.exit(main())
