@@ -123,11 +123,12 @@ def recipe_rows(run, data_dir: Path, work: Path, sizes: Sizes) -> list[str]:
         step = run(f"recipe_{precision}", ["-m", "train.main", "--data-dir", str(data_dir),
                                            "--workdir", str(workdir), "--precision", precision,
                                            *sizes.train], timeout=600)
-        if step.returncode != 0:
-            rows.append(f"| {precision} | {failure(step)} | | | | | |")
+        metrics = workdir / "metrics.jsonl"
+        if step.returncode != 0 or not metrics.is_file():
+            why = failure(step) if step.returncode != 0 else "failed: wrote no metrics.jsonl"
+            rows.append(f"| {precision} | {why} | | | | | |")
             continue
-        records = [json.loads(line) for line in
-                   (workdir / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
         last = records[-1]
         rate = step.output.strip().splitlines()[-1].split(" examples/sec")[0]
         per_epoch = ", ".join(f"{record['test_acc']:.3f}" for record in records)

@@ -209,3 +209,17 @@ def test_help_shows_defaults_and_suggests_resize_32(capsys):
     text = capsys.readouterr().out
     assert "add --resize 32" in text and "(default: 256)" in text and "(default: 96)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize("module, usage", [("train.main", "usage: python -m train.main"),
+                                           ("train.bench", "usage: python -m train.bench")])
+def test_the_commands_run_as_readme_calls_them(module, usage, tmp_path):
+    """`python -m MODULE` reaches main(): help on stdout; a bad value ends in one line, exit 2."""
+    helped = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert helped.returncode == 0 and helped.stdout.startswith(usage), helped.stderr
+    refused = subprocess.run([sys.executable, "-m", module, "--batch", "x"], capture_output=True,
+                             text=True, cwd=ROOT, timeout=120)
+    assert refused.returncode == 2 and refused.stdout == "", refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"python -m {module}: error: argument --batch")

@@ -200,3 +200,6 @@ def main(argv=None) -> int:
     return 0
 
 
+if __name__ == "__main__":
+    configure_host()  # before JAX starts
+    sys.exit(main())
