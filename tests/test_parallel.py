@@ -1,7 +1,9 @@
-"""Data parallelism: a step sharded over 4 devices equals the one-device step, and two
-processes joined by jax.distributed (CPU collectives over 127.0.0.1) train alike.
+"""Data parallelism: a step sharded over 4 devices equals the one-device step, two
+processes joined by jax.distributed (CPU collectives over 127.0.0.1) train alike, and a
+run whose peers never join or stop mid-run ends in one line per process.
 Each run is a fresh process: the device count and jax.distributed are fixed at start-up."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -147,3 +149,58 @@ def test_a_coordinator_that_never_comes_is_one_line_after_the_timeout(capsys):
     assert capsys.readouterr().out == (f"waiting up to 2 s for 2 processes to join at "
                                        f"127.0.0.1:{port} ($DENSENET_JAX_JOIN_TIMEOUT sets the "
                                        f"wait)\n")
+
+
+def test_peers_that_never_join_end_in_one_line(data_dir, tmp_path):
+    """Process 0 alone: after DENSENET_JAX_JOIN_TIMEOUT, one line and exit 1 (JAX itself
+    aborts with a C++ stack); the runtime's log is kept in the workdir."""
+    env = {**distributed_env(1, free_port(), 0), "DENSENET_JAX_JOIN_TIMEOUT": "3"}
+    done = subprocess.run([sys.executable, "-m", "train.main", "--data-dir", str(data_dir),
+                           "--workdir", str(tmp_path), "--resize", "32"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: not all 2 processes joined at 127.0.0.1:"), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "RegisterTask" in (tmp_path / "runtime-process0.log").read_text()
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_peer_killed_mid_run_ends_both_in_one_line_each(data_dir, tmp_path):
+    """Process 1's training is killed once epoch 1 is saved: process 0 says at once that it
+    lost contact and what is saved (JAX would wait for the heartbeat, then abort), and
+    process 1's watcher says what stopped it. Exit 1 both, checkpoints kept."""
+    port = free_port()
+    args = ["-m", "train.main", "--data-dir", str(data_dir), "--workdir", str(tmp_path / "run"),
+            "--resize", "32", "--limit-train", "512", "--batch-size", "128", "--epochs", "50"]
+    lead, peer = [start(args, {**distributed_env(1, port, i), "PYTHONUNBUFFERED": "1"})
+                  for i in (0, 1)]
+    for line in lead.stdout:
+        if line.startswith("epoch 1/50"):
+            [training] = children(peer.pid)
+            os.kill(training, signal.SIGKILL)
+            break
+    _, lead_err = lead.communicate(timeout=120)
+    _, peer_err = peer.communicate(timeout=120)
+    saved = f"epochs up to 1 are saved in {tmp_path / 'run' / 'checkpoints'}"
+    assert lead.returncode == 1 and lead_err.count("\n") == 1, lead_err
+    assert lead_err.startswith("error: this process lost contact with the others of the run")
+    assert lead_err.rstrip().endswith(f"{saved}; start every process again with --resume")
+    assert peer.returncode == 1, peer_err
+    assert peer_err.strip().splitlines()[-1] == (f"error: the training process was stopped by "
+                                                 f"SIGKILL; {saved}")
+    assert "Check failure" not in lead_err + peer_err
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()

@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 
 import densenet_jax
-from train import data
+from train import data, supervise
 from train.checkpoint import CheckpointError, saved_epochs
 from train.config import RECIPES, RunConfig, TrainConfig
 from train.host import configure_host
@@ -144,6 +144,12 @@ def out_of_memory(error: Exception) -> bool:
     return isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error)
 
 
+def lost_peers(error: Exception) -> bool:
+    """Whether a collective of a multi-process run failed: a peer stopped or the network broke."""
+    return jax.distributed.is_initialized() and (
+        isinstance(error, jax.errors.JaxRuntimeError) or "Gloo" in str(error))
+
+
 def saved(workdir: Path) -> str | None:
     """"epochs up to N are saved in DIR", or None when no epoch is."""
     epochs = saved_epochs(workdir)
@@ -170,6 +176,22 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def failure_message(error: Exception, args: argparse.Namespace, workdir: Path) -> str | None:
+    """One line for a failure the user can act on; None for anything else."""
+    kept = saved(workdir)
+    if lost_peers(error):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        again = (f"{kept}; start every process again with --resume" if kept else
+                 "no epoch was saved; start every process again")
+        return f"this process lost contact with the others of the run ({first}); {again}"
+    if isinstance(error, (ValueError, data.DataError, CheckpointError, NonFiniteLossError)):
+        return str(error)
+    if out_of_memory(error):
+        return (f"out of memory at --batch-size {args.batch_size}, --resize {args.resize}; "
+                f"lower them (or add --remat){'; ' + kept if kept else ''}")
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     workdir = Path(args.workdir)
@@ -181,25 +203,35 @@ def main(argv=None) -> int:
             print(f"loading Fashion-MNIST ({args.data_source})", flush=True)
             splits = data.load(run.data)
             history = fit(run, splits, workdir, resume=args.resume, overwrite=args.overwrite)
-    except (ValueError, data.DataError, CheckpointError, NonFiniteLossError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"\n{interrupted_message(workdir)}", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001
-        if not out_of_memory(error):
-            raise
-        kept = saved(workdir)
-        print(f"error: out of memory at --batch-size {args.batch_size}, --resize "
-              f"{args.resize}; lower them (or add --remat){'; ' + kept if kept else ''}",
-              file=sys.stderr)
+        if (message := failure_message(error, args, workdir)) is None:
+            raise  # a bug: its traceback is wanted
+        print(f"error: {message}", file=sys.stderr)
         return 1
     if history and jax.process_index() == 0:
         print(summary(history))
     return 0
 
 
-if __name__ == "__main__":
+def run_command() -> int:
+    """`python -m train.main`: a multi-process run is watched from a parent process
+    (train.supervise); a failed one skips JAX's shutdown barrier, which would wait for peers
+    that may be gone and then abort."""
     configure_host()  # before JAX starts
-    sys.exit(main())
+    if supervise.wanted():
+        args = parse_args(sys.argv[1:])
+        workdir = Path(args.workdir)
+        return supervise.supervise("train.main", sys.argv[1:], workdir, lambda: saved(workdir))
+    code = main()
+    if code and jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(run_command())
