@@ -9,8 +9,9 @@ from densenet_jax.config import PRESETS, DenseNetConfig, preset, transition_chan
 from densenet_jax.convert import from_torch, to_torch
 from densenet_jax.modules import (BatchNorm, ConvBlock, DenseBlock, DenseLayer, DenseNet,
                                   TransitionBlock)
+from densenet_jax.pretrained import fine_tune_variables, load_pytorch
 
 
 __all__ = ["BatchNorm", "ConvBlock", "DenseBlock", "DenseLayer", "DenseNet", "DenseNetConfig",
-           "PRESETS", "TransitionBlock", "from_torch", "kernels", "preset", "to_torch",
-           "transition_channels"]
+           "PRESETS", "TransitionBlock", "fine_tune_variables", "from_torch", "kernels",
+           "load_pytorch", "preset", "to_torch", "transition_channels"]

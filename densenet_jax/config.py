@@ -168,6 +168,7 @@ _BC = dict(bottleneck=True, conv_bias=False, global_pool="avg")
 PRESETS: dict[str, dict] = {
     "d2l": {},
     "densenet121": dict(_BC, block_config=(6, 12, 24, 16)),
+    "densenet161": dict(_BC, stem_channels=96, growth_rate=48, block_config=(6, 12, 36, 24)),
     "densenet169": dict(_BC, block_config=(6, 12, 32, 32)),
     "densenet201": dict(_BC, block_config=(6, 12, 48, 32)),
     "densenet264": dict(_BC, block_config=(6, 12, 64, 48)),

@@ -163,15 +163,13 @@ def _torch_shape(flax_shape: tuple[int, ...], permutation) -> tuple[int, ...]:
     return tuple(flax_shape[permutation.index(axis)] for axis in range(len(permutation)))
 
 
-def to_torch(variables: Mapping[str, Any], config: DenseNetConfig) -> dict:
-    """The reverse of `from_torch`: a state_dict of torch tensors for the PyTorch reference
-    (`densenet_jax.torch_reference.reference_model(config)`), loadable with strict=True."""
-    import torch  # only this direction needs it
-
+def to_numpy_state_dict(variables: Mapping[str, Any], config: DenseNetConfig) -> dict:
+    """The reverse of `from_torch`, as numpy arrays keyed in PyTorch's layout for `config`
+    (no `num_batches_tracked`). ValueError, in one line, for variables of another config."""
     if not isinstance(variables, Mapping) or not {"params", "batch_stats"} <= variables.keys():
         given = list(variables) if isinstance(variables, Mapping) else type(variables).__name__
-        raise ValueError(f"to_torch needs variables with 'params' and 'batch_stats', as "
-                         f"model.init returns them, got {given}; pass the whole variables dict")
+        raise ValueError(f"the variables need 'params' and 'batch_stats', as model.init "
+                         f"returns them, got {given}; pass the whole variables dict")
     flat = {c: flax.traverse_util.flatten_dict(variables[c]) for c in ("params", "batch_stats")}
     expected = _variable_shapes(config)
     for collection in ("params", "batch_stats"):
@@ -180,16 +178,26 @@ def to_torch(variables: Mapping[str, Any], config: DenseNetConfig) -> dict:
         if found != shapes:
             wrong = sorted("/".join(path) for path in shapes.keys() ^ found.keys()
                            or (p for p in shapes if shapes[p] != found[p]))
-            raise ValueError(f"to_torch: the variables are not of this config ({collection} "
-                             f"differ at {', '.join(wrong[:3])}); pass the config they were "
-                             f"made with")
+            raise ValueError(f"the variables are not of this config ({collection} differ at "
+                             f"{', '.join(wrong[:3])}); pass the config they were made with")
     state_dict = {}
-    for prefix, _, kind in _modules(config):
-        if kind == "bn":
-            state_dict[f"{prefix}{_IGNORED_SUFFIX}"] = torch.tensor(0)
     for key, (collection, path, permutation) in _key_map(config).items():
         value = np.asarray(flat[collection][path])
-        if permutation is not None:
-            value = value.transpose(np.argsort(permutation))
-        state_dict[key] = torch.tensor(value)  # a copy: JAX's buffers are read-only
+        state_dict[key] = value if permutation is None else value.transpose(np.argsort(permutation))
+    return state_dict
+
+
+def to_torch(variables: Mapping[str, Any], config: DenseNetConfig) -> dict:
+    """The reverse of `from_torch`: a state_dict of torch tensors for the PyTorch reference
+    (`densenet_jax.torch_reference.reference_model(config)`), loadable with strict=True."""
+    import torch  # only this direction needs it
+
+    try:
+        arrays = to_numpy_state_dict(variables, config)
+    except ValueError as error:
+        raise ValueError(f"to_torch: {error}") from None
+    state_dict = {f"{prefix}{_IGNORED_SUFFIX}": torch.tensor(0)
+                  for prefix, _, kind in _modules(config) if kind == "bn"}
+    # copies: JAX's buffers are read-only
+    state_dict.update({key: torch.tensor(np.array(value)) for key, value in arrays.items()})
     return state_dict

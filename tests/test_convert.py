@@ -118,7 +118,7 @@ def test_to_torch_checks_its_variables():
     config = densenet_jax.preset("d2l")
     variables = densenet_jax.DenseNet(config).init(jax.random.key(0), jnp.ones((1, 32, 32, 1)),
                                                    train=False)
-    with pytest.raises(ValueError, match=r"to_torch needs variables with 'params' and "
+    with pytest.raises(ValueError, match=r"to_torch: the variables need 'params' and "
                                          r"'batch_stats'.*got \['params'\]"):
         densenet_jax.to_torch({"params": variables["params"]}, config)
     with pytest.raises(ValueError, match="to_torch: the variables are not of this config "

@@ -5,10 +5,14 @@ import re
 import jax
 import numpy as np
 import pytest
+import torch
 
+import densenet_jax
+from densenet_jax.torch_reference import reference_model, xavier_init_
 from train import main as cli
-from train.loop import fit
-from train.steps import train_step
+from train.config import RecipeConfig
+from train.loop import fit, load_initial_weights
+from train.steps import create_train_state, make_optimizer, train_step
 
 
 def run_cli(data_dir, workdir, *args):
@@ -123,6 +127,7 @@ def test_ctrl_c_says_how_to_resume(data_dir, tmp_path, capsys, monkeypatch):
     (["--lr", "0"], "--lr must be positive, got 0.0"),
     (["--limit-train", "0"], "--limit-train must be positive, got 0"),
     (["--resume"], "--resume: no checkpoint in"),
+    (["--init-from", "nowhere.pth"], "--init-from nowhere.pth: no such file"),
 ])
 def test_bad_arguments(data_dir, tmp_path, capsys, args, message):
     assert run_cli(data_dir, tmp_path, "--limit-train", "600", *args) == 1
@@ -177,3 +182,44 @@ def test_diverging_lr_gives_a_clear_error(data_dir, tmp_path, capsys):
                    "--lr", "1e30") == 1
     err = capsys.readouterr().err
     assert re.search(r"the loss became (nan|-?inf) in epoch 1", err) and "nothing was saved" in err
+
+
+def imagenet_shaped_file(folder) -> tuple[str, dict]:
+    """d2l's network for 3-channel images and 1000 classes, saved as a PyTorch file."""
+    torch.manual_seed(0)
+    state = xavier_init_(reference_model(densenet_jax.preset("d2l", in_channels=3,
+                                                             num_classes=1000))).state_dict()
+    path = str(folder / "imagenet.pth")
+    torch.save(state, path)
+    return path, state
+
+
+def test_initial_weights_are_the_file_s(tmp_path):
+    path, state = imagenet_shaped_file(tmp_path)
+    config = densenet_jax.preset("d2l")
+    model = densenet_jax.DenseNet(config)
+    fresh = create_train_state(model, make_optimizer(RecipeConfig(), 10, 1), jax.random.key(0), 32)
+    lines = []
+    loaded = load_initial_weights(fresh, path, config, log=lines.append)
+    assert lines == [f"started from the weights in {path}; stem convolution adapted from 3 "
+                     f"input channels to 1 (summed over them); classifier re-initialised for "
+                     f"10 classes (the weights have 1000)"]
+    np.testing.assert_array_equal(loaded.params["dense_block2"]["layer4"]["conv_block"]["conv"]
+                                  ["kernel"], state["3.net.3.2.weight"].numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(loaded.batch_stats["transition1"]["conv_block"]["norm"]["mean"],
+                                  state["2.0.running_mean"].numpy())
+    np.testing.assert_array_equal(loaded.params["classifier"]["kernel"],
+                                  fresh.params["classifier"]["kernel"])
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_pytorch_file(data_dir, tmp_path, capsys):
+    path, _ = imagenet_shaped_file(tmp_path)
+    code = run_cli(data_dir, tmp_path / "run", "--init-from", path, "--limit-train", "512",
+                   "--batch-size", "128", "--epochs", "1")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"started from the weights in {path}; stem convolution adapted" in out
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["init_from"] == path
+

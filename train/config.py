@@ -41,6 +41,7 @@ class TrainConfig:
     resize: int = 96
     seed: int = 0
     limit_train: int | None = None  # train on the first N examples only
+    init_from: str | None = None  # PyTorch weights to start from (fine-tuning)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,7 +91,10 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
     model = densenet_jax.DenseNet(model_cfg)
     optimizer = make_optimizer(run.recipe, steps_per_epoch, cfg.epochs)
     init_key, data_key = jax.random.split(jax.random.key(cfg.seed))
-    state = replicate(create_train_state(model, optimizer, init_key, cfg.resize), mesh)
+    state = create_train_state(model, optimizer, init_key, cfg.resize)
+    if cfg.init_from and not resume:
+        state = load_initial_weights(state, cfg.init_from, model_cfg, log)
+    state = replicate(state, mesh)
 
     mngr = checkpoint.manager(workdir)
     run_fields = run.result_fields()
@@ -152,6 +155,15 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
         log(f"epoch {epoch}/{cfg.epochs}: loss {loss:.3f}, train acc {record['train_acc']:.3f}, "
             f"test acc {record['test_acc']:.3f}, {record['examples_per_sec']:.1f} examples/sec")
     return history
+
+
+def load_initial_weights(state, path: str, config: densenet_jax.DenseNetConfig, log=print):
+    """`state` with the PyTorch weights in `path`, adapted to `config` where they were made
+    for other input channels or classes (densenet_jax.fine_tune_variables); says so."""
+    fresh = {"params": state.params, "batch_stats": state.batch_stats}
+    variables, notes = densenet_jax.fine_tune_variables(path, config, fresh)
+    log(f"started from the weights in {path}" + "".join(f"; {note}" for note in notes))
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
 def summary(history: list[dict], mesh=None) -> str:

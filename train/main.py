@@ -63,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                         help="bf16: bfloat16 compute, float32 parameters and statistics")
     add_model_flags(parser)
+    parser.add_argument("--init-from", metavar="FILE",
+                        help="start from PyTorch weights (.pth, .pt or .safetensors; "
+                             "torchvision's DenseNet files too); a stem made for other input "
+                             "channels is adapted, a classifier for other classes replaced")
     parser.add_argument("--limit-train", type=int, metavar="N",
                         help="train on the first N training examples only (a quick run)")
     parser.add_argument("--data-source", default="idx", choices=data.SOURCES,
@@ -106,6 +110,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         raise ValueError(f"--limit-train must be positive, got {args.limit_train}")
     if not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    if args.init_from is not None and not Path(args.init_from).is_file():
+        raise ValueError(f"--init-from {args.init_from}: no such file; pass a .pth, .pt or "
+                         f".safetensors weights file")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --workdir and --overwrite replaces it; "
                          "pass one of them")
@@ -121,7 +128,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         model=model, recipe=recipe,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, resize=args.resize,
-                          seed=args.seed, limit_train=args.limit_train),
+                          seed=args.seed, limit_train=args.limit_train,
+                          init_from=args.init_from),
         data=data.DataConfig(source=args.data_source, data_dir=args.data_dir,
                              download=not (args.data_dir or os.environ.get(data.ENV_VAR))))
 
