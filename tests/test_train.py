@@ -10,7 +10,7 @@ import torch
 import densenet_jax
 from densenet_jax.torch_reference import reference_model, xavier_init_
 from train import main as cli
-from train.config import RecipeConfig
+from train.config import RecipeConfig, RunConfig, without_computation_fields
 from train.loop import fit, load_initial_weights
 from train.steps import create_train_state, make_optimizer, train_step
 
@@ -223,3 +223,9 @@ def test_fine_tuning_from_a_pytorch_file(data_dir, tmp_path, capsys):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train"]["init_from"] == path
 
+
+
+def test_a_run_saved_before_init_from_existed_still_resumes():
+    current = RunConfig().result_fields()
+    older = {**current, "train": {k: v for k, v in current["train"].items() if k != "init_from"}}
+    assert without_computation_fields(older) == current

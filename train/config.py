@@ -65,7 +65,8 @@ class RunConfig:
 
 
 def without_computation_fields(fields: dict) -> dict:
-    """`result_fields` (also as saved by earlier versions) without the model's fields that
-    change how it is computed but not what."""
+    """`result_fields` (also as saved by earlier versions, where fields added since take
+    their defaults) without the model's fields that change how it is computed but not what."""
     model = {k: v for k, v in fields.get("model", {}).items() if k not in ("kernels", "remat")}
-    return {**fields, "model": model}
+    train = {"init_from": None, **fields.get("train", {})}
+    return {**fields, "model": model, "train": train}
