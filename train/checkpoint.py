@@ -4,6 +4,7 @@ an interrupted save leaves the previous checkpoint as the latest."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -11,8 +12,10 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from train.config import without_computation_fields
-from train.steps import TrainState, checkpoint_tree, replace_from_tree
+import densenet_jax
+from train.config import RunConfig, without_computation_fields
+from train.steps import (TrainState, checkpoint_tree, create_train_state, make_optimizer,
+                         replace_from_tree)
 
 
 class CheckpointError(Exception):
@@ -86,6 +89,40 @@ def restore(mngr: ocp.CheckpointManager, state: TrainState, run_fields: dict, lo
     raise CheckpointError(f"--resume: no checkpoint in {mngr.directory} restores (each one "
                           f"is now in {Path(mngr.directory).parent / 'damaged_checkpoints'}); "
                           f"start again without --resume")
+
+
+def load_run(workdir: Path, epoch: int | None = None) -> tuple[RunConfig, TrainState, int,
+                                                                list[dict]]:
+    """A run's config (workdir/config.json) and its state after `epoch` (default: the last
+    saved), its history up to there; read only. CheckpointError, in one line, for a workdir
+    without a run or without that epoch."""
+    try:
+        run = RunConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{workdir} holds no readable training run (config.json: "
+                              f"{_first_line(error)}); pass the --workdir of a run") from None
+    epochs = saved_epochs(workdir)
+    if not epochs:
+        raise CheckpointError(f"{workdir} holds no saved epoch yet; train first")
+    if epoch is None:
+        epoch = epochs[-1]
+    elif epoch not in epochs:
+        raise CheckpointError(f"--epoch {epoch} is not saved in {workdir / 'checkpoints'} (saved: "
+                              f"{', '.join(map(str, epochs))})")
+    model = densenet_jax.DenseNet(run.model)
+    # The schedule's length does not shape the optimiser state: one step per epoch will do.
+    optimizer = make_optimizer(run.recipe, 1, run.train.epochs)
+    state = create_train_state(model, optimizer, jax.random.key(0), run.train.resize)
+    with _quiet("absl"):
+        mngr = manager(workdir)
+        try:
+            state, epoch, _, history = _restore_epoch(mngr, epoch, state, run.result_fields())
+        except CheckpointError:
+            raise
+        except Exception as error:  # noqa: BLE001 (orbax, tensorstore, JSON: all mean damaged)
+            raise CheckpointError(f"checkpoint {mngr.directory / str(epoch)} does not restore "
+                                  f"({_first_line(error)})") from None
+    return run, state, epoch, history
 
 
 def _restore_epoch(mngr: ocp.CheckpointManager, epoch: int, state: TrainState,

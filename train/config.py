@@ -54,6 +54,14 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> "RunConfig":
+        """The run a workdir's `config.json` (`to_dict`) describes; fields added since it was
+        written take their defaults."""
+        return cls(model=densenet_jax.DenseNetConfig(**fields["model"]),
+                   recipe=RecipeConfig(**fields["recipe"]), train=TrainConfig(**fields["train"]),
+                   data=DataConfig(**fields["data"]))
+
     def result_fields(self) -> dict:
         """Everything that shapes the results (not where the data lies, nor how the model
         is computed: kernels and remat): a checkpoint resumes only a run whose fields are

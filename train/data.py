@@ -31,6 +31,9 @@ FILES = {
 SPLIT_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 NUM_CLASSES = 10
+# d2l's get_fashion_mnist_labels, in label order
+CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+               "bag", "ankle boot")
 SOURCES = ("idx", "tfds")
 
 

@@ -45,14 +45,22 @@ def device_name(mesh=None) -> str:
             + (f", {processes} processes" if processes > 1 else ""))
 
 
-def evaluate(state, images: jax.Array, labels: jax.Array, batches: list[jax.Array],
-             resize: int, mesh) -> float:
-    """Test accuracy in evaluation mode (BatchNorm running statistics) over `batches`,
-    which hold every example once (`sequential_batches`)."""
-    correct = replicate(jnp.zeros((), jnp.int32), mesh)
+def confusion_matrix(state, images: jax.Array, labels: jax.Array, batches: list[jax.Array],
+                     resize: int, mesh, num_classes: int) -> np.ndarray:
+    """(true class, predicted class) counts in evaluation mode (BatchNorm running
+    statistics) over `batches`, which hold every example once (`sequential_batches`)."""
+    confusion = replicate(np.zeros((num_classes, num_classes), np.int32), mesh)
     for indices in batches:
-        correct = eval_step(state, correct, images, labels, indices, resize=resize, mesh=mesh)
-    return int(correct) / len(labels)
+        confusion = eval_step(state, confusion, images, labels, indices, resize=resize,
+                              mesh=mesh)
+    return np.asarray(confusion)
+
+
+def evaluate(state, images: jax.Array, labels: jax.Array, batches: list[jax.Array],
+             resize: int, mesh, num_classes: int) -> float:
+    """Accuracy in evaluation mode over `batches` (see `confusion_matrix`)."""
+    confusion = confusion_matrix(state, images, labels, batches, resize, mesh, num_classes)
+    return int(np.trace(confusion)) / len(labels)
 
 
 def warm_up(state, images: jax.Array, labels: jax.Array, run: RunConfig, mesh) -> float:
@@ -144,7 +152,7 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
         record = {"epoch": epoch, "loss": loss,
                   "train_acc": int(metrics["correct"]) / int(metrics["count"]),
                   "test_acc": evaluate(state, test_images, test_labels, test_batches,
-                                       cfg.resize, mesh),
+                                       cfg.resize, mesh, model_cfg.num_classes),
                   "examples_per_sec": num_train / train_seconds,
                   "train_seconds": train_seconds}
         history.append(record)

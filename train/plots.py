@@ -1,9 +1,10 @@
-"""d2l's training plot, made for a report: train loss, and train and test accuracy, per
-epoch."""
+"""Figures made for a report: d2l's training plot (train loss, train and test accuracy per
+epoch) and an evaluation's confusion matrix."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -31,3 +32,24 @@ def curves_figure(history: list[dict]) -> Figure:
 
 def plot_curves(history: list[dict], path: Path) -> None:
     curves_figure(history).savefig(path, dpi=120)
+
+
+def confusion_figure(confusion, class_names) -> Figure:
+    """The (true, predicted) counts as a grid, rows normalised to fractions of each class,
+    each cell labelled with its count."""
+    fractions = confusion / confusion.sum(axis=1, keepdims=True).clip(min=1)
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    for (row, column), count in np.ndenumerate(confusion):
+        ax.text(column, row, str(count), ha="center", va="center", fontsize=7,
+                color="white" if fractions[row, column] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, label="fraction of the true class")
+    fig.tight_layout()
+    return fig
+

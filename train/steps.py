@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 from flax.training import train_state
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import densenet_jax
 from train.config import RecipeConfig
@@ -96,13 +97,16 @@ def train_step(state: TrainState, metrics: dict, images: jax.Array, labels: jax.
 
 
 @functools.partial(jax.jit, static_argnames=("resize", "mesh"), donate_argnums=(1,))
-def eval_step(state: TrainState, correct: jax.Array, images: jax.Array, labels: jax.Array,
+def eval_step(state: TrainState, confusion: jax.Array, images: jax.Array, labels: jax.Array,
               indices: jax.Array, *, resize: int, mesh: Mesh) -> jax.Array:
-    """Running count of correct predictions in evaluation mode (running statistics)."""
+    """Running confusion matrix (classes, classes), int32, in evaluation mode (running
+    statistics): row = true class, column = predicted class."""
     x = preprocess(shard_batch(images[indices], mesh), resize)
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x,
                             train=False)
-    return correct + jnp.sum(jnp.argmax(logits, -1) == shard_batch(labels[indices], mesh))
+    confusion = confusion.at[shard_batch(labels[indices], mesh), jnp.argmax(logits, -1)].add(1)
+    # replicated, as it came: every process can read it
+    return jax.lax.with_sharding_constraint(confusion, NamedSharding(mesh, P()))
 
 
 def checkpoint_tree(state: TrainState) -> dict:
