@@ -25,3 +25,16 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def splits(data_dir):
     return data.load(data.DataConfig(data_dir=str(data_dir)))
+
+
+@pytest.fixture(scope="session")
+def trained(data_dir, tmp_path_factory) -> Path:
+    """A finished three-epoch run's workdir (batch 128 of 512 examples at 32×32), for the
+    tools that read runs; tests must not change it."""
+    from train import main as cli
+
+    workdir = tmp_path_factory.mktemp("trained")
+    assert cli.main(["--data-dir", str(data_dir), "--workdir", str(workdir), "--resize", "32",
+                     "--limit-train", "512", "--batch-size", "128", "--epochs", "3"]) == 0
+    return workdir
+

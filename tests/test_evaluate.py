@@ -5,18 +5,7 @@ import numpy as np
 import pytest
 
 from train import evaluate
-from train import main as cli
 from train.data import CLASS_NAMES
-
-QUICK = ("--resize", "32", "--limit-train", "512", "--batch-size", "128")
-
-
-@pytest.fixture(scope="module")
-def trained(data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("trained")
-    assert cli.main(["--data-dir", str(data_dir), "--workdir", str(workdir), *QUICK,
-                     "--epochs", "3"]) == 0
-    return workdir
 
 
 def logged(workdir, epoch: int) -> float:

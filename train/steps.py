@@ -96,14 +96,19 @@ def train_step(state: TrainState, metrics: dict, images: jax.Array, labels: jax.
     return state, metrics
 
 
+def infer(variables: dict, images: jax.Array, *, apply_fn, resize: int) -> jax.Array:
+    """Logits (B, classes) in evaluation mode for uint8 images (B, H, W, C), preprocessed as
+    in training: what evaluation, prediction and export compute."""
+    return apply_fn(variables, preprocess(images, resize), train=False)
+
+
 @functools.partial(jax.jit, static_argnames=("resize", "mesh"), donate_argnums=(1,))
 def eval_step(state: TrainState, confusion: jax.Array, images: jax.Array, labels: jax.Array,
               indices: jax.Array, *, resize: int, mesh: Mesh) -> jax.Array:
     """Running confusion matrix (classes, classes), int32, in evaluation mode (running
     statistics): row = true class, column = predicted class."""
-    x = preprocess(shard_batch(images[indices], mesh), resize)
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x,
-                            train=False)
+    logits = infer({"params": state.params, "batch_stats": state.batch_stats},
+                   shard_batch(images[indices], mesh), apply_fn=state.apply_fn, resize=resize)
     confusion = confusion.at[shard_batch(labels[indices], mesh), jnp.argmax(logits, -1)].add(1)
     # replicated, as it came: every process can read it
     return jax.lax.with_sharding_constraint(confusion, NamedSharding(mesh, P()))
