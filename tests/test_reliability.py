@@ -52,8 +52,10 @@ def test_a_used_workdir_is_refused_without_resume_or_overwrite(data_dir, two_epo
     assert "already holds a run (checkpoints up to epoch 2); continue it with --resume" in err
     assert (workdir / "metrics.jsonl").read_text() == before  # nothing touched
 
+    old_events = set(workdir.glob("events.out.tfevents.*"))
     assert run_cli(data_dir, workdir, "--epochs", "1", "--lr", "0.05", "--overwrite") == 0
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
+    assert old_events and not old_events & set(workdir.glob("events.out.tfevents.*"))
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 1
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["recipe"]["learning_rate"] == 0.05

@@ -11,7 +11,7 @@ import densenet_jax
 from densenet_jax.torch_reference import reference_model, xavier_init_
 from train import main as cli
 from train.config import RecipeConfig, RunConfig, without_computation_fields
-from train.loop import fit, load_initial_weights
+from train.loop import SCALARS, fit, load_initial_weights
 from train.steps import create_train_state, make_optimizer, train_step
 
 
@@ -229,3 +229,26 @@ def test_a_run_saved_before_init_from_existed_still_resumes():
     current = RunConfig().result_fields()
     older = {**current, "train": {k: v for k, v in current["train"].items() if k != "init_from"}}
     assert without_computation_fields(older) == current
+
+
+def tensorboard_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard reads from the workdir's event files: tag → [(step, value)]."""
+    import tensorflow as tf  # the tfds extra, which the tests install
+    scalars = {}
+    for path in sorted(workdir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+@pytest.mark.slow
+def test_tensorboard_shows_what_metrics_jsonl_holds(trained):
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    scalars = tensorboard_scalars(trained)
+    assert sorted(scalars) == sorted(SCALARS)
+    for name in SCALARS:
+        steps, values = zip(*scalars[name])
+        assert steps == (1, 2, 3)
+        np.testing.assert_allclose(values, [r[name] for r in records], rtol=1e-6)
+

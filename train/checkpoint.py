@@ -50,6 +50,8 @@ def claim(workdir: Path, resume: bool, overwrite: bool, delete: bool = True) -> 
     shutil.rmtree(workdir / "checkpoints")
     for name in ("metrics.jsonl", "curves.png", "config.json"):
         (workdir / name).unlink(missing_ok=True)
+    for events in workdir.glob("events.out.tfevents.*"):  # TensorBoard's
+        events.unlink()
 
 
 def save(mngr: ocp.CheckpointManager, epoch: int, state: TrainState, key: jax.Array,

@@ -2,6 +2,7 @@
 evaluation after each, metrics, plot and checkpoint after each epoch."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 import densenet_jax
@@ -127,41 +129,45 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
     compile_seconds = warm_up(state, train_images, train_labels, run, mesh)
     log(f"train_step compiled in {compile_seconds:.1f} s")
 
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        epoch_key = jax.random.fold_in(data_key, epoch)
-        batches = epoch_batches(epoch_key, num_train, cfg.batch_size)
-        metrics = replicate(zero_metrics(), mesh)
-        jax.block_until_ready(state)
-        start = time.perf_counter()
-        # The epoch runs on the devices alone: any host transfer in it is an error.
-        with jax.transfer_guard("disallow"):
-            for indices in tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                                disable=not show_progress):
-                state, metrics = train_step(state, metrics, train_images, train_labels,
-                                            indices, data_key, resize=cfg.resize,
-                                            recipe=run.recipe, mesh=mesh)
-        metrics = jax.device_get(metrics)  # waits for the last step
-        train_seconds = time.perf_counter() - start
-        loss = float(metrics["loss_sum"]) / int(metrics["count"])
-        if diverged(loss, model_cfg.num_classes):
-            kept = (f"the last good checkpoint (epoch {epoch - 1}) is kept in {mngr.directory}"
-                    if epoch > 1 else "no epoch completed, so nothing was saved")
-            raise NonFiniteLossError(f"the loss became {loss:.4g} in epoch {epoch}, training "
-                                     f"stopped; {kept}; training diverged: lower --lr and "
-                                     f"start again")
-        record = {"epoch": epoch, "loss": loss,
-                  "train_acc": int(metrics["correct"]) / int(metrics["count"]),
-                  "test_acc": evaluate(state, test_images, test_labels, test_batches,
-                                       cfg.resize, mesh, model_cfg.num_classes),
-                  "examples_per_sec": num_train / train_seconds,
-                  "train_seconds": train_seconds}
-        history.append(record)
-        checkpoint.save(mngr, epoch, state, data_key, history, run_fields)
-        if lead:
-            _write_metrics(workdir, history)
-            plot_curves(history, workdir / "curves.png")
-        log(f"epoch {epoch}/{cfg.epochs}: loss {loss:.3f}, train acc {record['train_acc']:.3f}, "
-            f"test acc {record['test_acc']:.3f}, {record['examples_per_sec']:.1f} examples/sec")
+    with tensorboard(workdir, enabled=lead) as write_scalars:
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            epoch_key = jax.random.fold_in(data_key, epoch)
+            batches = epoch_batches(epoch_key, num_train, cfg.batch_size)
+            metrics = replicate(zero_metrics(), mesh)
+            jax.block_until_ready(state)
+            start = time.perf_counter()
+            # The epoch runs on the devices alone: any host transfer in it is an error.
+            with jax.transfer_guard("disallow"):
+                for indices in tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                                    disable=not show_progress):
+                    state, metrics = train_step(state, metrics, train_images, train_labels,
+                                                indices, data_key, resize=cfg.resize,
+                                                recipe=run.recipe, mesh=mesh)
+            metrics = jax.device_get(metrics)  # waits for the last step
+            train_seconds = time.perf_counter() - start
+            loss = float(metrics["loss_sum"]) / int(metrics["count"])
+            if diverged(loss, model_cfg.num_classes):
+                kept = (f"the last good checkpoint (epoch {epoch - 1}) is kept in "
+                        f"{mngr.directory}" if epoch > 1 else
+                        "no epoch completed, so nothing was saved")
+                raise NonFiniteLossError(f"the loss became {loss:.4g} in epoch {epoch}, "
+                                         f"training stopped; {kept}; training diverged: lower "
+                                         f"--lr and start again")
+            record = {"epoch": epoch, "loss": loss,
+                      "train_acc": int(metrics["correct"]) / int(metrics["count"]),
+                      "test_acc": evaluate(state, test_images, test_labels, test_batches,
+                                           cfg.resize, mesh, model_cfg.num_classes),
+                      "examples_per_sec": num_train / train_seconds,
+                      "train_seconds": train_seconds}
+            history.append(record)
+            checkpoint.save(mngr, epoch, state, data_key, history, run_fields)
+            if lead:
+                _write_metrics(workdir, history)
+                plot_curves(history, workdir / "curves.png")
+                write_scalars(record)
+            log(f"epoch {epoch}/{cfg.epochs}: loss {loss:.3f}, train acc "
+                f"{record['train_acc']:.3f}, test acc {record['test_acc']:.3f}, "
+                f"{record['examples_per_sec']:.1f} examples/sec")
     return history
 
 
@@ -183,6 +189,30 @@ def summary(history: list[dict], mesh=None) -> str:
     return (f"loss {last['loss']:.3f}, train acc {last['train_acc']:.3f}, "
             f"test acc {last['test_acc']:.3f}\n"
             f"{examples / seconds:.1f} examples/sec on {device_name(mesh)}")
+
+
+SCALARS = ("loss", "train_acc", "test_acc", "examples_per_sec")  # TensorBoard's, per epoch
+
+
+@contextlib.contextmanager
+def tensorboard(workdir: Path, enabled: bool = True):
+    """A function that writes an epoch's record as TensorBoard scalars into `workdir`
+    (`tensorboard --logdir runs/` shows every run), through tensorboardX: event files
+    without TensorFlow."""
+    if not enabled:
+        yield lambda record: None
+        return
+    writer = SummaryWriter(logdir=str(workdir))
+
+    def write(record: dict) -> None:
+        for name in SCALARS:
+            writer.add_scalar(name, record[name], record["epoch"])
+        writer.flush()
+
+    try:
+        yield write
+    finally:
+        writer.close()
 
 
 def _silent(line: str) -> None:

@@ -19,7 +19,8 @@ from typing import Callable, Iterable
 
 CHILD_VAR = "DENSENET_JAX_SUPERVISED"  # set in the child: it trains instead of watching
 
-# absl/glog lines from C++ sources: "E1130 20:09:05.774150   23732 coordination_service.cc:1520] ..."
+# absl/glog lines from C++ sources, e.g.
+# "E1130 20:09:05.774150   23732 coordination_service.cc:1520] ..."
 RUNTIME_LINE = re.compile(rb"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ [\w./-]+\.(cc|h|cpp):\d+\]")
 
 
