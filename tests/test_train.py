@@ -1,4 +1,5 @@
 """The trainer end to end on real Fashion-MNIST: learning, files, resume, bad input."""
+import dataclasses
 import json
 import re
 
@@ -10,7 +11,9 @@ import torch
 import densenet_jax
 from densenet_jax.torch_reference import reference_model, xavier_init_
 from train import main as cli
-from train.config import RecipeConfig, RunConfig, without_computation_fields
+from train.checkpoint import CheckpointError, with_epochs
+from train.config import (RECIPES, RecipeConfig, RunConfig,
+                          without_computation_fields)
 from train.loop import SCALARS, fit, load_initial_weights
 from train.steps import create_train_state, make_optimizer, train_step
 
@@ -54,6 +57,12 @@ class Interrupt(Exception):
     pass
 
 
+def results(history):
+    """The figures of a history that do not depend on timing."""
+    return [{k: v for k, v in r.items() if k not in ("examples_per_sec", "train_seconds")}
+            for r in history]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["d2l", "strong"])
 def test_resume_equals_uninterrupted(data_dir, splits, tmp_path, recipe):
@@ -64,10 +73,6 @@ def test_resume_equals_uninterrupted(data_dir, splits, tmp_path, recipe):
     with pytest.raises(KeyboardInterrupt):
         fit(run, splits, tmp_path / "resumed", log=_interrupt_after_epoch_1)
     resumed = fit(run, splits, tmp_path / "resumed", resume=True, log=lambda line: None)
-
-    def results(history):
-        return [{k: v for k, v in r.items() if k not in ("examples_per_sec", "train_seconds")}
-                for r in history]
 
     assert results(resumed) == results(straight)  # bitwise: same floats
     saved = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
@@ -251,4 +256,27 @@ def test_tensorboard_shows_what_metrics_jsonl_holds(trained):
         steps, values = zip(*scalars[name])
         assert steps == (1, 2, 3)
         np.testing.assert_allclose(values, [r[name] for r in records], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_constant_rate_run_continues_for_longer(data_dir, splits, tmp_path):
+    """d2l's 2-epoch run resumed with --epochs 3 ends as the 3-epoch run made in one go."""
+    two = quick_run(data_dir, tmp_path)
+    three = dataclasses.replace(two, train=dataclasses.replace(two.train, epochs=3))
+    straight = fit(three, small(splits), tmp_path / "straight", log=lambda line: None)
+    fit(two, small(splits), tmp_path / "longer", log=lambda line: None)
+    longer = fit(three, small(splits), tmp_path / "longer", resume=True, log=lambda line: None)
+    assert results(longer) == results(straight)  # bitwise
+    assert json.loads((tmp_path / "longer" / "config.json").read_text())["train"]["epochs"] == 3
+
+
+def test_a_cosine_run_keeps_its_length():
+    saved = RunConfig(recipe=RECIPES["strong"]).result_fields()
+    longer = {**saved, "train": {**saved["train"], "epochs": 20}}
+    with pytest.raises(CheckpointError, match=r"^--resume with --epochs 20: this run's cosine "
+                                              r"learning-rate schedule spans its 10 epochs"):
+        with_epochs(saved, longer)
+    d2l = RunConfig().result_fields()
+    longer = {**d2l, "train": {**d2l["train"], "epochs": 20}}
+    assert with_epochs(d2l, longer) == longer
 

@@ -127,10 +127,27 @@ def load_run(workdir: Path, epoch: int | None = None) -> tuple[RunConfig, TrainS
     return run, state, epoch, history
 
 
+def with_epochs(saved: dict, run_fields: dict) -> dict:
+    """The saved run's fields with this run's number of epochs, where that changes nothing
+    already done: with a constant learning rate, a run continues for longer (or stops
+    sooner) exactly as if started so. A schedule laid over the epochs (cosine) cannot:
+    CheckpointError, in one line."""
+    before, now = saved["train"]["epochs"], run_fields["train"]["epochs"]
+    if before == now:
+        return saved
+    schedule = saved.get("recipe", {}).get("schedule", "constant")
+    if schedule != "constant":
+        raise CheckpointError(f"--resume with --epochs {now}: this run's {schedule} "
+                              f"learning-rate schedule spans its {before} epochs, so it cannot "
+                              f"be made longer or shorter; resume with --epochs {before}, or "
+                              f"start a new run")
+    return {**saved, "train": {**saved["train"], "epochs": now}}
+
+
 def _restore_epoch(mngr: ocp.CheckpointManager, epoch: int, state: TrainState,
                    run_fields: dict) -> tuple[TrainState, int, jax.Array, list[dict]]:
     meta = mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    saved = without_computation_fields(meta["config"])
+    saved = with_epochs(without_computation_fields(meta["config"]), run_fields)
     if saved != run_fields:
         differences = _differences(saved, run_fields)
         raise CheckpointError(f"--resume: the checkpoint in {mngr.directory} is of another "
