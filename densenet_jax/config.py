@@ -175,6 +175,37 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def parse_fields(assignments) -> dict:
+    """DenseNetConfig fields from "FIELD=VALUE" strings, typed as the field's default:
+    `["growth_rate=12", "block_config=6,12,24,16", "bottleneck=true"]` →
+    `{"growth_rate": 12, "block_config": (6, 12, 24, 16), "bottleneck": True}`. ValueError,
+    in one line, for an unknown field or a value of the wrong kind; the values themselves are
+    the config's to check."""
+    defaults = {f.name: f.default for f in dataclasses.fields(DenseNetConfig)}
+    fields = {}
+    for text in assignments:
+        name, equals, value = text.partition("=")
+        if not equals or name not in defaults:
+            raise ValueError(f"{text!r} is not FIELD=VALUE with a DenseNetConfig field; the "
+                             f"fields: {', '.join(defaults)}")
+        fields[name] = _parse_value(name, value, defaults[name])
+    return fields
+
+
+def _parse_value(name: str, value: str, default):
+    kinds = ((bool, "true or false", lambda v: {"true": True, "false": False}[v.lower()]),
+             (int, "an integer", int), (float, "a number", float),
+             (tuple, "comma-separated integers", lambda v: tuple(int(x) for x in v.split(","))),
+             (str, "a word", str))
+    for kind, words, parse in kinds:
+        if isinstance(default, kind):
+            try:
+                return parse(value)
+            except (KeyError, ValueError):
+                raise ValueError(f"{name}={value}: {name} takes {words}") from None
+    raise AssertionError(f"no parser for {name}")
+
+
 def preset(name: str = "d2l", **overrides) -> DenseNetConfig:
     """The named network, with any field overridden: `preset("densenet121", num_classes=1000)`."""
     if name not in PRESETS:

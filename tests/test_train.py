@@ -133,6 +133,11 @@ def test_ctrl_c_says_how_to_resume(data_dir, tmp_path, capsys, monkeypatch):
     (["--limit-train", "0"], "--limit-train must be positive, got 0"),
     (["--resume"], "--resume: no checkpoint in"),
     (["--init-from", "nowhere.pth"], "--init-from nowhere.pth: no such file"),
+    (["--model", "growth_rate=x"], "--model growth_rate=x: growth_rate takes an integer"),
+    (["--model", "colour=red"], "--model 'colour=red' is not FIELD=VALUE with a DenseNetConfig "
+                                "field; the fields: stem_channels, block_config,"),
+    (["--model", "compression=0"], "invalid DenseNetConfig: compression must lie in (0, 1]"),
+    (["--model", "block_config=4,4,4,4,4,4"], "--resize 32 is below this network's minimum"),
 ])
 def test_bad_arguments(data_dir, tmp_path, capsys, args, message):
     assert run_cli(data_dir, tmp_path, "--limit-train", "600", *args) == 1
@@ -279,4 +284,15 @@ def test_a_cosine_run_keeps_its_length():
     d2l = RunConfig().result_fields()
     longer = {**d2l, "train": {**d2l["train"], "epochs": 20}}
     assert with_epochs(d2l, longer) == longer
+
+
+def test_every_model_field_can_be_set_from_the_command_line():
+    args = cli.parse_args(["--preset", "densenet121", "--precision", "bf16", "--model",
+                           "growth_rate=12", "block_config=6,12,24,16", "stem_channels=24",
+                           "conv_bias=true", "dtype=float32"])
+    model = cli.run_config(args).to_dict()["model"]  # what config.json records
+    assert (model["growth_rate"], model["block_config"], model["stem_channels"]) == \
+        (12, (6, 12, 24, 16), 24)
+    assert model["conv_bias"] is True and model["bottleneck"] is True
+    assert model["dtype"] == "float32"  # --model wins over --precision
 

@@ -63,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                         help="bf16: bfloat16 compute, float32 parameters and statistics")
     add_model_flags(parser)
+    parser.add_argument("--model", nargs="+", metavar="FIELD=VALUE", default=[],
+                        help="set any DenseNetConfig field over the preset (and over "
+                             "--global-pool, --precision, --kernels, --remat), e.g. "
+                             "growth_rate=12 block_config=6,12,24,16 stem_channels=24")
     parser.add_argument("--init-from", metavar="FILE",
                         help="start from PyTorch weights (.pth, .pt or .safetensors; "
                              "torchvision's DenseNet files too); a stem made for other input "
@@ -120,6 +124,10 @@ def run_config(args: argparse.Namespace) -> RunConfig:
                  "remat": args.remat}
     if args.global_pool:
         overrides["global_pool"] = args.global_pool
+    try:
+        overrides.update(densenet_jax.config.parse_fields(args.model))
+    except ValueError as error:
+        raise ValueError(f"--model {error}") from None
     model = densenet_jax.preset(args.preset, **overrides)
     model.require_input_size(args.resize, "--resize")
     recipe = RECIPES[args.recipe]
