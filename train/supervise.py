@@ -31,14 +31,15 @@ def wanted(environ=os.environ) -> bool:
 
 def split_runtime_lines(lines: Iterable[bytes], write: Callable[[bytes], None]) -> list[bytes]:
     """Pass `lines` to `write`, except the C++ runtime's log: each runtime line, and after an
-    error- or fatal-level one every line up to the next of ours (`error: `, `interrupted`),
-    since its messages and stack run over many lines. Returns what was kept back."""
+    error- or fatal-level one every line up to the next of ours (`error: `, `interrupted`,
+    a Python traceback), since its messages and stack run over many lines. Returns what was
+    kept back."""
     kept, inside = [], False
     for line in lines:
         match = RUNTIME_LINE.match(line)
         if match:
             inside = line[:1] in (b"E", b"F")
-        elif inside and line.startswith((b"error: ", b"interrupted", b"\ninterrupted")):
+        elif inside and line.startswith((b"error: ", b"interrupted", b"Traceback")):
             inside = False
         if match or inside:
             kept.append(line)
