@@ -31,10 +31,18 @@ FILES = {
 SPLIT_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 NUM_CLASSES = 10
+IMAGE_SIZE = 28  # height and width of every image
 # d2l's get_fashion_mnist_labels, in label order
 CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                "bag", "ankle boot")
 SOURCES = ("idx", "tfds")
+
+
+def class_names(num_classes: int) -> tuple[str, ...]:
+    """Fashion-MNIST's names for its 10 classes; numbers for a model with another count."""
+    if num_classes == len(CLASS_NAMES):
+        return CLASS_NAMES
+    return tuple(str(i) for i in range(num_classes))
 
 
 class DataError(Exception):

@@ -63,8 +63,7 @@ def main(argv=None) -> int:
     accuracy = np.trace(confusion) / confusion.sum()
     print(f"test acc {accuracy:.4f} after epoch {epoch} of {workdir} (training logged "
           f"{history[-1]['test_acc']:.4f})")
-    names = (data.CLASS_NAMES if run.model.num_classes == len(data.CLASS_NAMES)
-             else [str(i) for i in range(run.model.num_classes)])
+    names = data.class_names(run.model.num_classes)
     print("\n".join(class_table(confusion, names)))
     out = Path(args.out) if args.out else workdir / "confusion.png"
     try:

@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 
 import densenet_jax
+from train import data
 from train.checkpoint import CheckpointError, load_run
 from train.host import configure_host
 from train.steps import infer
 
 FORMATS = ("jax", "savedmodel")
-SIZE = 28  # Fashion-MNIST's images, as the training split holds them
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +52,7 @@ def inference_function(workdir: Path, epoch: int | None = None):
     model = densenet_jax.DenseNet(dataclasses.replace(run.model, kernels="reference"))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     f = functools.partial(infer, variables, apply_fn=model.apply, resize=run.train.resize)
-    return f, (SIZE, SIZE, run.model.in_channels)
+    return f, (data.IMAGE_SIZE, data.IMAGE_SIZE, run.model.in_channels)
 
 
 def export_jax(f, image_shape: tuple[int, ...], out: Path) -> None:

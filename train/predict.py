@@ -24,9 +24,6 @@ from train.checkpoint import CheckpointError, load_run
 from train.host import configure_host
 from train.steps import infer
 
-SIZE = 28  # Fashion-MNIST's images: what the network saw before the training resize
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,8 +61,9 @@ def read_image(path: Path, channels: int) -> np.ndarray:
             raise ValueError(f"not an image Pillow can read ({error}); pass PNG, JPEG or "
                              f".npy") from None
         array = array.reshape(*array.shape[:2], channels)
-    if array.shape[:2] != (SIZE, SIZE):
-        array = jax.image.resize(np.asarray(array, np.float32), (SIZE, SIZE, channels),
+    size = data.IMAGE_SIZE
+    if array.shape[:2] != (size, size):
+        array = jax.image.resize(np.asarray(array, np.float32), (size, size, channels),
                                  "bilinear", antialias=True)
     return np.clip(np.round(np.asarray(array, np.float64)), 0, 255).astype(np.uint8)
 
@@ -93,8 +91,7 @@ def main(argv=None) -> int:
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    names = (data.CLASS_NAMES if run.model.num_classes == len(data.CLASS_NAMES)
-             else [str(i) for i in range(run.model.num_classes)])
+    names = data.class_names(run.model.num_classes)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     classify = jax.jit(functools.partial(infer, apply_fn=state.apply_fn,
                                          resize=run.train.resize))
