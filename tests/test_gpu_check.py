@@ -16,7 +16,7 @@ def run(*args, out=None):
     if out:
         env["OUT"] = str(out)
     return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=1800)
+                          env=env, timeout=3000)
 
 
 @pytest.mark.slow
