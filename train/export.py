@@ -6,7 +6,7 @@
 The function takes uint8 images (batch, 28, 28, C), any batch size, and returns logits
 (batch, classes) in evaluation mode, preprocessed as in training (÷ 255, resize). `jax`
 writes a serialized `jax.export.Exported` (StableHLO with the weights as constants) for the
-CPU and, where a GPU build of jaxlib lowers it, CUDA:
+CPU, and for CUDA too when exported where a GPU is present:
 
     exported = jax.export.deserialize(open("model.jax", "rb").read())
     logits = exported.call(images)
@@ -63,7 +63,7 @@ def export_jax(f, image_shape: tuple[int, ...], out: Path) -> None:
 
 
 def _platforms() -> tuple[str, ...]:
-    """The CPU, and CUDA where this jaxlib can lower for it."""
+    """The CPU, and CUDA where a GPU is present."""
     try:
         jax.devices("cuda")
         return ("cpu", "cuda")
