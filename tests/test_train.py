@@ -2,6 +2,8 @@
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -241,15 +243,28 @@ def test_a_run_saved_before_init_from_existed_still_resumes():
     assert without_computation_fields(older) == current
 
 
+# TensorFlow's own reader of event files, in a subprocess: TensorFlow's runtime stays out of
+# the test process, whose later JAX compilations it can crash.
+READ_EVENTS = """
+import json, sys
+import tensorflow as tf
+scalars = {}
+for path in sys.argv[1:]:
+    for event in tf.compat.v1.train.summary_iterator(path):
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+print(json.dumps(scalars))
+"""
+
+
 def tensorboard_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
     """What TensorBoard reads from the workdir's event files: tag → [(step, value)]."""
-    import tensorflow as tf  # the tfds extra, which the tests install
-    scalars = {}
-    for path in sorted(workdir.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return scalars
+    paths = sorted(str(p) for p in workdir.glob("events.out.tfevents.*"))
+    done = subprocess.run([sys.executable, "-c", READ_EVENTS, *paths], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {tag: [tuple(pair) for pair in pairs]
+            for tag, pairs in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
 @pytest.mark.slow
