@@ -174,8 +174,7 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
 def load_initial_weights(state, path: str, config: densenet_jax.DenseNetConfig, log=print):
     """`state` with the PyTorch weights in `path`, adapted to `config` where they were made
     for other input channels or classes (densenet_jax.fine_tune_variables); says so."""
-    fresh = {"params": state.params, "batch_stats": state.batch_stats}
-    variables, notes = densenet_jax.fine_tune_variables(path, config, fresh)
+    variables, notes = densenet_jax.fine_tune_variables(path, config, state.variables)
     log(f"started from the weights in {path}" + "".join(f"; {note}" for note in notes))
     return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 

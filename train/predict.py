@@ -92,7 +92,6 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     names = data.class_names(run.model.num_classes)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
     classify = jax.jit(functools.partial(infer, apply_fn=state.apply_fn,
                                          resize=run.train.resize))
     failed = False
@@ -103,7 +102,7 @@ def main(argv=None) -> int:
             print(f"error: {name}: {error}", file=sys.stderr)
             failed = True
             continue
-        probabilities = np.asarray(jax.nn.softmax(classify(variables, image[None])[0]))
+        probabilities = np.asarray(jax.nn.softmax(classify(state.variables, image[None])[0]))
         print(f"{name}: {top_k(probabilities, names, args.top_k)}")
     return 1 if failed else 0
 

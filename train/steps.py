@@ -25,6 +25,11 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
     kernels: densenet_jax.kernels.Kernels = struct.field(pytree_node=False, default=None)
 
+    @property
+    def variables(self) -> dict:
+        """What the model applies: {"params", "batch_stats"}."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
 
 def learning_rate_schedule(recipe: RecipeConfig, steps_per_epoch: int, epochs: int):
     if recipe.schedule == "constant":
@@ -107,8 +112,8 @@ def eval_step(state: TrainState, confusion: jax.Array, images: jax.Array, labels
               indices: jax.Array, *, resize: int, mesh: Mesh) -> jax.Array:
     """Running confusion matrix (classes, classes), int32, in evaluation mode (running
     statistics): row = true class, column = predicted class."""
-    logits = infer({"params": state.params, "batch_stats": state.batch_stats},
-                   shard_batch(images[indices], mesh), apply_fn=state.apply_fn, resize=resize)
+    logits = infer(state.variables, shard_batch(images[indices], mesh), apply_fn=state.apply_fn,
+                   resize=resize)
     confusion = confusion.at[shard_batch(labels[indices], mesh), jnp.argmax(logits, -1)].add(1)
     # replicated, as it came: every process can read it
     return jax.lax.with_sharding_constraint(confusion, NamedSharding(mesh, P()))
