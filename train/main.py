@@ -194,8 +194,8 @@ def sigterm_as_interrupt():
 
 def failure_message(error: Exception, args: argparse.Namespace, workdir: Path) -> str | None:
     """One line for a failure the user can act on; None for anything else."""
-    kept = saved(workdir)
     if lost_peers(error):
+        kept = saved(workdir)
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         again = (f"{kept}; start every process again with --resume" if kept else
                  "no epoch was saved; start every process again")
@@ -203,6 +203,7 @@ def failure_message(error: Exception, args: argparse.Namespace, workdir: Path) -
     if isinstance(error, (ValueError, data.DataError, CheckpointError, NonFiniteLossError)):
         return str(error)
     if out_of_memory(error):
+        kept = saved(workdir)
         return (f"out of memory at --batch-size {args.batch_size}, --resize {args.resize}; "
                 f"lower them (or add --remat){'; ' + kept if kept else ''}")
     return None
