@@ -13,6 +13,7 @@ from densenet_jax.kernels import KERNEL_SETS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 _GLOBAL_POOLS = ("max", "avg")
+_STEMS = ("imagenet", "cifar")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +21,10 @@ class DenseNetConfig:
     """Everything that defines a DenseNet.
 
     Attributes:
-      stem_channels: output channels of the 7×7 stride-2 stem convolution.
+      stem: "imagenet" (d2l and torchvision: Conv7×7/2 → BN → ReLU → MaxPool3×3/2, a
+        quarter of the input's height and width) or "cifar" (Huang et al.'s network for
+        small images: one Conv3×3 at full resolution, nothing after it).
+      stem_channels: output channels of the stem convolution (the paper's CIFAR stem: 2k).
       block_config: number of dense layers (`num_convs`) in each dense block.
       growth_rate: channels each dense layer adds (k in the paper).
       bottleneck: DenseNet-BC layers (BN-ReLU-Conv1×1 to `bottleneck_width * k` channels,
@@ -40,6 +44,7 @@ class DenseNetConfig:
         DenseNet, Pleiss et al., 2017).
     """
 
+    stem: str = "imagenet"
     stem_channels: int = 64
     block_config: tuple[int, ...] = (4, 4, 4, 4)
     growth_rate: int = 32
@@ -94,8 +99,9 @@ class DenseNetConfig:
 
     def output_size(self, size: int) -> int:
         """Height (or width) of the last feature map for an input of height `size`."""
-        size = (size + 2 * 3 - 7) // 2 + 1  # stem conv 7×7, stride 2, padding 3
-        size = (size + 2 * 1 - 3) // 2 + 1  # max pool 3×3, stride 2, padding 1
+        if self.stem == "imagenet":
+            size = (size + 2 * 3 - 7) // 2 + 1  # stem conv 7×7, stride 2, padding 3
+            size = (size + 2 * 1 - 3) // 2 + 1  # max pool 3×3, stride 2, padding 1
         for _ in self.block_config[1:]:
             size //= 2  # each transition's 2×2 average pool
         return size
@@ -110,10 +116,17 @@ class DenseNetConfig:
     def require_input_size(self, size: int, name: str = "input size") -> None:
         """ValueError, naming `name` (a flag, say), if `size` is below `min_input_size()`."""
         if size < self.min_input_size():
-            raise ValueError(
-                f"{name} {size} is below this network's minimum input size "
-                f"{self.min_input_size()} (the stem divides height and width by 4 and each of "
-                f"its {len(self.block_config) - 1} transitions by 2)")
+            raise ValueError(f"{name} {size} is below this network's minimum input size "
+                             f"{self.min_input_size()} ({self.downsampling()})")
+
+    def downsampling(self) -> str:
+        """How the network shrinks its input, in words, for error messages."""
+        transitions = len(self.block_config) - 1
+        if self.stem == "imagenet":
+            return (f"the stem divides height and width by 4 and each of its {transitions} "
+                    f"transitions by 2")
+        return (f"the stem keeps height and width and each of its {transitions} transitions "
+                f"halves them")
 
 
 def param_dtype(compute_dtype):
@@ -144,6 +157,8 @@ def _config_problems(cfg: DenseNetConfig):
         yield f"block_config must hold positive integers, got {cfg.block_config!r}"
     if not isinstance(cfg.compression, (int, float)) or not 0 < cfg.compression <= 1:
         yield f"compression must lie in (0, 1], got {cfg.compression!r}"
+    if cfg.stem not in _STEMS:
+        yield f"stem must be one of {_STEMS}, got {cfg.stem!r}"
     if cfg.global_pool not in _GLOBAL_POOLS:
         yield f"global_pool must be one of {_GLOBAL_POOLS}, got {cfg.global_pool!r}"
     if cfg.dtype not in _DTYPES:
@@ -172,6 +187,9 @@ PRESETS: dict[str, dict] = {
     "densenet169": dict(_BC, block_config=(6, 12, 32, 32)),
     "densenet201": dict(_BC, block_config=(6, 12, 48, 32)),
     "densenet264": dict(_BC, block_config=(6, 12, 64, 48)),
+    # The paper's CIFAR network (Table 2, k = 12, depth 100): 0.77 M parameters.
+    "densenet_bc_100": dict(_BC, stem="cifar", stem_channels=24, growth_rate=12,
+                            block_config=(16, 16, 16)),
 }
 
 

@@ -46,7 +46,8 @@ def _modules(config: DenseNetConfig) -> Iterator[tuple[str, Path, str]]:
     blocks = config.block_config
     if layout(config) == "sequential":
         yield "0.0", ("stem_conv",), "conv"
-        yield "0.1", ("stem_norm",), "bn"
+        if config.stem == "imagenet":
+            yield "0.1", ("stem_norm",), "bn"
         for b, num_convs in enumerate(blocks):
             index = 1 + 2 * b
             for i in range(num_convs):
@@ -62,7 +63,8 @@ def _modules(config: DenseNetConfig) -> Iterator[tuple[str, Path, str]]:
         yield f"{2 * len(blocks) + 4}", ("classifier",), "linear"
     else:
         yield "features.conv0", ("stem_conv",), "conv"
-        yield "features.norm0", ("stem_norm",), "bn"
+        if config.stem == "imagenet":
+            yield "features.norm0", ("stem_norm",), "bn"
         for b, num_convs in enumerate(blocks):
             for i in range(num_convs):
                 torch_layer = f"features.denseblock{b + 1}.denselayer{i + 1}"

@@ -190,8 +190,9 @@ class TransitionBlock(nn.Module):
 
 
 class DenseNet(nn.Module):
-    """The whole network: stem (Conv7×7/2 → BN → ReLU → MaxPool3×3/2), dense blocks with
-    transitions between them, then BN → ReLU → global pool → Linear.
+    """The whole network: stem (Conv7×7/2 → BN → ReLU → MaxPool3×3/2, or the CIFAR stem's
+    Conv3×3), dense blocks with transitions between them, then BN → ReLU → global pool →
+    Linear.
 
     x: (N, H, W, in_channels) floating, H and W ≥ `config.min_input_size()` →
     logits (N, num_classes) float32 (float64 for float64 compute).
@@ -204,12 +205,16 @@ class DenseNet(nn.Module):
         cfg = self.config
         check_input(x, cfg)
         dtype, kernels = cfg.compute_dtype, get_kernels(cfg.kernels)
-        x = nn.Conv(cfg.stem_channels, (7, 7), strides=(2, 2), padding=symmetric_padding(7),
-                    use_bias=cfg.conv_bias, dtype=dtype, param_dtype=cfg.param_dtype,
-                    kernel_init=kernel_init, conv_general_dilated=kernels.conv_general_dilated,
-                    name="stem_conv")(x)
-        x = BatchNorm(relu=True, dtype=dtype, kernels=kernels, name="stem_norm")(x, train=train)
-        x = kernels.max_pool(x, (3, 3), (2, 2), symmetric_padding(3))
+        imagenet = cfg.stem == "imagenet"
+        size = 7 if imagenet else 3
+        x = nn.Conv(cfg.stem_channels, (size, size), strides=(2, 2) if imagenet else (1, 1),
+                    padding=symmetric_padding(size), use_bias=cfg.conv_bias, dtype=dtype,
+                    param_dtype=cfg.param_dtype, kernel_init=kernel_init,
+                    conv_general_dilated=kernels.conv_general_dilated, name="stem_conv")(x)
+        if imagenet:  # d2l's b1; the CIFAR stem keeps the full resolution for small images
+            x = BatchNorm(relu=True, dtype=dtype, kernels=kernels, name="stem_norm")(x,
+                                                                                  train=train)
+            x = kernels.max_pool(x, (3, 3), (2, 2), symmetric_padding(3))
         for index, num_convs in enumerate(cfg.block_config):
             x = DenseBlock(num_convs=num_convs, growth_rate=cfg.growth_rate,
                            bottleneck_width=cfg.bottleneck_width if cfg.bottleneck else None,
@@ -244,8 +249,7 @@ def check_input(x, cfg: DenseNetConfig) -> None:
     if min(shape[1], shape[2]) < minimum:
         raise ValueError(
             f"input of {shape[1]}×{shape[2]} is too small: this DenseNet needs at least "
-            f"{minimum}×{minimum}, since the stem divides height and width by 4 and each of its "
-            f"{len(cfg.block_config) - 1} transitions by 2, which must leave at least 1×1 "
+            f"{minimum}×{minimum}, since {cfg.downsampling()}, which must leave at least 1×1 "
             f"before global pooling; resize the images (d2l uses 96×96)")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(

@@ -46,14 +46,21 @@ def _global_pool(config: DenseNetConfig) -> nn.Module:
     return nn.AdaptiveMaxPool2d((1, 1)) if config.global_pool == "max" else nn.AdaptiveAvgPool2d((1, 1))
 
 
+def _stem(config: DenseNetConfig) -> OrderedDict:
+    """d2l's `b1` (torchvision's conv0 … pool0), or the paper's CIFAR stem: one 3×3 conv."""
+    c, bias = config.stem_channels, config.conv_bias
+    if config.stem == "cifar":
+        return OrderedDict(conv0=nn.Conv2d(config.in_channels, c, 3, padding=1, bias=bias))
+    return OrderedDict(conv0=nn.Conv2d(config.in_channels, c, 7, stride=2, padding=3, bias=bias),
+                       norm0=nn.BatchNorm2d(c), relu0=nn.ReLU(),
+                       pool0=nn.MaxPool2d(3, stride=2, padding=1))
+
+
 def d2l_densenet(config: DenseNetConfig = DenseNetConfig()) -> nn.Sequential:
     """The source's network; `preset("d2l")` gives exactly its 0.76 M-parameter model."""
     if config.bottleneck:
         raise ValueError("d2l's network has no bottleneck layers; use TorchvisionDenseNet")
-    b1 = nn.Sequential(
-        nn.Conv2d(config.in_channels, config.stem_channels, kernel_size=7, stride=2, padding=3),
-        nn.BatchNorm2d(config.stem_channels), nn.ReLU(),
-        nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+    b1 = nn.Sequential(*_stem(config).values())
     num_channels, growth_rate = config.stem_channels, config.growth_rate
     blks = []
     for i, num_convs in enumerate(config.block_config):
@@ -107,10 +114,7 @@ class TorchvisionDenseNet(nn.Module):
         self.global_pool = config.global_pool
         bias = config.conv_bias
         c = config.stem_channels
-        self.features = nn.Sequential(OrderedDict([
-            ("conv0", nn.Conv2d(config.in_channels, c, 7, stride=2, padding=3, bias=bias)),
-            ("norm0", nn.BatchNorm2d(c)), ("relu0", nn.ReLU()),
-            ("pool0", nn.MaxPool2d(3, stride=2, padding=1))]))
+        self.features = nn.Sequential(_stem(config))
         for i, num_layers in enumerate(config.block_config):
             self.features.add_module(f"denseblock{i + 1}", _DenseBlock(
                 num_layers, c, config.growth_rate, config.bottleneck_width, bias))

@@ -36,6 +36,8 @@ def assert_within_tolerance(errors, config):
     ("d2l", dict(global_pool="max"), 32, 16),
     ("d2l", dict(global_pool="avg"), 96, 4),  # d2l's own resolution; 3×3 before the pool
     ("densenet121", dict(block_config=(6, 12)), 32, 8),  # DenseNet-121's first two blocks
+    ("densenet_bc_100", dict(block_config=(4, 4, 4)), 16, 8),  # the CIFAR stem, shortened
+    ("d2l", dict(stem="cifar"), 16, 8),  # the CIFAR stem in d2l's Sequential layout
 ])
 def test_float32_matches_pytorch(preset, overrides, size, batch, kernel_set):
     config = densenet_jax.preset(preset, kernels=kernel_set, **overrides)
@@ -49,6 +51,7 @@ def test_float32_matches_pytorch(preset, overrides, size, batch, kernel_set):
     ("d2l", dict(global_pool="max")),
     ("d2l", dict(global_pool="avg")),
     ("densenet121", dict(block_config=(6, 12), global_pool="max")),
+    ("densenet_bc_100", dict(block_config=(4, 4, 4))),
 ])
 def test_float64_equals_pytorch(preset, overrides, kernel_set):
     with jax.enable_x64(True):

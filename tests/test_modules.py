@@ -148,7 +148,8 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 @pytest.mark.parametrize("name", sorted(densenet_jax.PRESETS))
 def test_presets(name):
     cfg = densenet_jax.preset(name)
-    assert cfg.min_input_size() == 29
+    # the CIFAR stem keeps the resolution: two transitions need 4×4
+    assert cfg.min_input_size() == (4 if name == "densenet_bc_100" else 29)
     assert cfg.bottleneck == (name != "d2l")
     assert cfg.global_pool == ("max" if name == "d2l" else "avg")
     assert densenet_jax.preset(name, num_classes=1000).num_classes == 1000
@@ -162,6 +163,21 @@ def test_densenet121_matches_torchvision_size():
     assert sum(leaf.size for leaf in jax.tree.leaves(shapes["params"])) == 7_978_856
 
 
+@pytest.mark.parametrize("in_channels, parameters", [(3, 769_162), (1, 768_730)])
+def test_densenet_bc_100_is_the_papers(in_channels, parameters):
+    # Huang et al., Table 2: DenseNet-BC (L = 100, k = 12), 0.8M parameters; on one channel
+    # it is the "DenseNet-BC 768K" of Fashion-MNIST's benchmark table.
+    cfg = densenet_jax.preset("densenet_bc_100", in_channels=in_channels)
+    assert cfg.stage_channels() == (24, 216, 108, 300, 150, 342)
+    x = jnp.ones((2, 32, 32, in_channels))
+    variables = jax.eval_shape(lambda: DenseNet(cfg).init(jax.random.key(0), x, train=False))
+    assert sum(leaf.size for leaf in jax.tree.leaves(variables["params"])) == parameters
+    assert "stem_norm" not in variables["params"]  # one 3×3 convolution, nothing after it
+    chex.assert_shape(variables["params"]["stem_conv"]["kernel"], (3, 3, in_channels, 24))
+    # 32×32 stays 32×32 through the stem, then 16, 8: the last block sees 8×8
+    assert cfg.output_size(32) == 8 and cfg.output_size(3) == 0
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(growth_rate=0), "growth_rate must be a positive integer, got 0"),
     (dict(growth_rate=-3), "growth_rate must be a positive integer, got -3"),
@@ -170,6 +186,7 @@ def test_densenet121_matches_torchvision_size():
     (dict(compression=0.0), r"compression must lie in \(0, 1\], got 0.0"),
     (dict(compression=1.5), r"compression must lie in \(0, 1\], got 1.5"),
     (dict(global_pool="sum"), "global_pool must be one of"),
+    (dict(stem="tiny"), r"stem must be one of \('imagenet', 'cifar'\), got 'tiny'"),
     (dict(dtype="float16"), "dtype must be one of"),
     (dict(num_classes=0), "num_classes must be a positive integer"),
     (dict(block_config=4), "block_config must be a sequence of positive integers, got 4"),
@@ -206,6 +223,14 @@ def test_bad_input_is_rejected_before_xla(x, error, message):
     variables = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 1)), train=False)
     with pytest.raises(error, match=message):
         jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+
+
+def test_the_cifar_stem_says_why_an_input_is_too_small():
+    model = DenseNet(densenet_jax.preset("densenet_bc_100"))
+    with pytest.raises(ValueError, match=r"3×3 is too small: this DenseNet needs at least 4×4, "
+                                         r"since the stem keeps height and width and each of "
+                                         r"its 2 transitions halves them"):
+        model.init(jax.random.key(0), jnp.ones((1, 3, 3, 1)), train=False)
 
 
 @pytest.mark.parametrize("shape, where", [
