@@ -193,19 +193,19 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def parse_fields(assignments) -> dict:
-    """DenseNetConfig fields from "FIELD=VALUE" strings, typed as the field's default:
-    `["growth_rate=12", "block_config=6,12,24,16", "bottleneck=true"]` →
-    `{"growth_rate": 12, "block_config": (6, 12, 24, 16), "bottleneck": True}`. ValueError,
-    in one line, for an unknown field or a value of the wrong kind; the values themselves are
-    the config's to check."""
-    defaults = {f.name: f.default for f in dataclasses.fields(DenseNetConfig)}
+def parse_fields(assignments, config_class=DenseNetConfig) -> dict:
+    """Fields of a config dataclass (DenseNetConfig by default) from "FIELD=VALUE" strings,
+    typed as the field's default: `["growth_rate=12", "block_config=6,12,24,16",
+    "bottleneck=true"]` → `{"growth_rate": 12, "block_config": (6, 12, 24, 16),
+    "bottleneck": True}`. ValueError, in one line, for an unknown field or a value of the
+    wrong kind; the values themselves are the config's to check."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
     fields = {}
     for text in assignments:
         name, equals, value = text.partition("=")
         if not equals or name not in defaults:
-            raise ValueError(f"{text!r} is not FIELD=VALUE with a DenseNetConfig field; the "
-                             f"fields: {', '.join(defaults)}")
+            raise ValueError(f"{text!r} is not FIELD=VALUE with a {config_class.__name__} "
+                             f"field; the fields: {', '.join(defaults)}")
         fields[name] = _parse_value(name, value, defaults[name])
     return fields
 

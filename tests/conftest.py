@@ -29,12 +29,13 @@ def splits(data_dir):
 
 @pytest.fixture(scope="session")
 def trained(data_dir, tmp_path_factory) -> Path:
-    """A finished three-epoch run's workdir (batch 128 of 512 examples at 32×32), for the
-    tools that read runs; tests must not change it."""
+    """A finished three-epoch run's workdir (batch 128 of 512 examples at 32×32, 256
+    held out for validation), for the tools that read runs; tests must not change it."""
     from train import main as cli
 
     workdir = tmp_path_factory.mktemp("trained")
     assert cli.main(["--data-dir", str(data_dir), "--workdir", str(workdir), "--resize", "32",
-                     "--limit-train", "512", "--batch-size", "128", "--epochs", "3"]) == 0
+                     "--limit-train", "512", "--batch-size", "128", "--epochs", "3",
+                     "--validation", "256"]) == 0
     return workdir
 

@@ -200,6 +200,10 @@ def test_the_plot_shows_one_epoch_and_labels_its_axes():
     lines = loss_ax.get_lines() + acc_ax.get_lines()
     assert [line.get_label() for line in lines] == ["train loss", "train acc", "test acc"]
     assert all(line.get_marker() not in (None, "None", "") for line in lines)  # one point shows
+    with_validation = curves_figure([{"epoch": 1, "loss": 0.9, "train_acc": 0.7,
+                                      "test_acc": 0.65, "val_acc": 0.66}])
+    assert [line.get_label() for line in with_validation.axes[1].get_lines()] == [
+        "train acc", "test acc", "val acc"]
     fig.canvas.draw()
     ticks = [t for t in acc_ax.get_xticks() if acc_ax.get_xlim()[0] <= t <= acc_ax.get_xlim()[1]]
     assert ticks == [1.0]  # whole epochs only

@@ -16,7 +16,7 @@ from train import main as cli
 from train.checkpoint import CheckpointError, with_epochs
 from train.config import (RECIPES, RecipeConfig, RunConfig,
                           without_computation_fields)
-from train.loop import SCALARS, fit, load_initial_weights
+from train.loop import SCALARS, accuracies, fit, load_initial_weights, split_for_validation
 from train.steps import create_train_state, make_optimizer, train_step
 
 
@@ -49,9 +49,9 @@ def small(splits):
     return {"train": splits["train"], "test": splits["test"].head(1000)}
 
 
-def quick_run(data_dir, tmp_path, recipe="d2l"):
+def quick_run(data_dir, tmp_path, *recipe_args):
     args = cli.parse_args(["--data-dir", str(data_dir), "--resize", "32", "--limit-train", "600",
-                           "--batch-size", "128", "--epochs", "2", "--recipe", recipe])
+                           "--batch-size", "128", "--epochs", "2", *recipe_args])
     return cli.run_config(args)
 
 
@@ -66,9 +66,15 @@ def results(history):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["d2l", "strong"])
+@pytest.mark.parametrize("recipe", [
+    ["--recipe", "d2l"],
+    # every piece of the recipe that draws at random or keeps state: crops, flips, erasing,
+    # the cosine schedule's step, the moving average; evaluated on a validation split too
+    ["--recipe", "strong", "--recipe-fields", "random_erasing=0.5", "ema_decay=0.99",
+     "test_flip=true", "--validation", "500"],
+], ids=["d2l", "strong+erasing+ema+flip+validation"])
 def test_resume_equals_uninterrupted(data_dir, splits, tmp_path, recipe):
-    run = quick_run(data_dir, tmp_path, recipe)
+    run = quick_run(data_dir, tmp_path, *recipe)
     splits = small(splits)
     straight = fit(run, splits, tmp_path / "straight", log=lambda line: None)
 
@@ -77,6 +83,7 @@ def test_resume_equals_uninterrupted(data_dir, splits, tmp_path, recipe):
     resumed = fit(run, splits, tmp_path / "resumed", resume=True, log=lambda line: None)
 
     assert results(resumed) == results(straight)  # bitwise: same floats
+    assert ("val_acc" in straight[-1]) == (run.train.validation > 0)
     saved = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert results(saved) == results(straight)
 
@@ -137,9 +144,12 @@ def test_ctrl_c_says_how_to_resume(data_dir, tmp_path, capsys, monkeypatch):
     (["--init-from", "nowhere.pth"], "--init-from nowhere.pth: no such file"),
     (["--model", "growth_rate=x"], "--model growth_rate=x: growth_rate takes an integer"),
     (["--model", "colour=red"], "--model 'colour=red' is not FIELD=VALUE with a DenseNetConfig "
-                                "field; the fields: stem_channels, block_config,"),
+                                "field; the fields: stem, stem_channels,"),
     (["--model", "compression=0"], "invalid DenseNetConfig: compression must lie in (0, 1]"),
     (["--model", "block_config=4,4,4,4,4,4"], "--resize 32 is below this network's minimum"),
+    (["--validation", "-1"], "--validation must not be negative, got -1"),
+    (["--validation", "60000"], "--validation 60000 must lie in 0..59999: the training split "
+                                "has 60000 examples"),
 ])
 def test_bad_arguments(data_dir, tmp_path, capsys, args, message):
     assert run_cli(data_dir, tmp_path, "--limit-train", "600", *args) == 1
@@ -237,9 +247,12 @@ def test_fine_tuning_from_a_pytorch_file(data_dir, tmp_path, capsys):
 
 
 
-def test_a_run_saved_before_init_from_existed_still_resumes():
+def test_a_run_saved_before_newer_fields_existed_still_resumes():
     current = RunConfig().result_fields()
-    older = {**current, "train": {k: v for k, v in current["train"].items() if k != "init_from"}}
+    older = {**current,
+             "train": {k: v for k, v in current["train"].items()
+                       if k not in ("init_from", "validation")},
+             "model": {k: v for k, v in current["model"].items() if k != "stem"}}
     assert without_computation_fields(older) == current
 
 
@@ -267,8 +280,21 @@ def tensorboard_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
             for tag, pairs in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
+def test_validation_holds_out_the_last_training_examples(splits):
+    train, held_out = split_for_validation(splits["train"], 5000)
+    assert (len(train), len(held_out)) == (55000, 5000)
+    np.testing.assert_array_equal(held_out.images, splits["train"].images[-5000:])
+    np.testing.assert_array_equal(train.labels, splits["train"].labels[:55000])
+    train, held_out = split_for_validation(splits["train"], 0)  # the default: d2l's run
+    assert train is not splits["train"] and len(train) == 60000 and len(held_out) == 0
+    record = {"loss": 0.1544, "train_acc": 0.9431, "test_acc": 0.8802}
+    assert accuracies(record) == "loss 0.154, train acc 0.943, test acc 0.880"  # d2l's line
+    assert accuracies({**record, "val_acc": 0.8911}).endswith("test acc 0.880, val acc 0.891")
+
+
 @pytest.mark.slow
 def test_tensorboard_shows_what_metrics_jsonl_holds(trained):
+    # the run holds a validation split (conftest), so val_acc is among the scalars
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     scalars = tensorboard_scalars(trained)
     assert sorted(scalars) == sorted(SCALARS)

@@ -114,7 +114,8 @@ def load_run(workdir: Path, epoch: int | None = None) -> tuple[RunConfig, TrainS
     model = densenet_jax.DenseNet(run.model)
     # The schedule's length does not shape the optimiser state: one step per epoch will do.
     optimizer = make_optimizer(run.recipe, 1, run.train.epochs)
-    state = create_train_state(model, optimizer, jax.random.key(0), run.train.resize)
+    state = create_train_state(model, optimizer, jax.random.key(0), run.train.resize,
+                               ema=bool(run.recipe.ema_decay))
     with _quiet("absl"):
         mngr = manager(workdir)
         try:

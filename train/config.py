@@ -10,6 +10,9 @@ import densenet_jax
 from train.data import DataConfig
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 @dataclasses.dataclass(frozen=True)
 class RecipeConfig:
     """Optimiser, schedule, loss and augmentation. `RECIPES["d2l"]` is d2l's train_ch6."""
@@ -22,6 +25,30 @@ class RecipeConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     augment: bool = False       # random crop (padding 2) and horizontal flip, on the device
+    random_erasing: float = 0.0  # probability of erasing a random box (Zhong et al., 2020)
+    ema_decay: float = 0.0      # evaluate an exponential moving average of the weights
+    test_flip: bool = False     # evaluate on each image and its mirror image, logits averaged
+
+    def __post_init__(self):
+        problems = list(_recipe_problems(self))
+        if problems:
+            raise ValueError("invalid RecipeConfig: " + "; ".join(problems))
+
+
+def _recipe_problems(recipe: RecipeConfig):
+    if not recipe.learning_rate > 0:
+        yield f"learning_rate must be positive, got {recipe.learning_rate}"
+    for name in ("momentum", "ema_decay"):
+        if not 0 <= getattr(recipe, name) < 1:
+            yield f"{name} must lie in [0, 1), got {getattr(recipe, name)}"
+    for name in ("random_erasing", "label_smoothing"):
+        if not 0 <= getattr(recipe, name) <= 1:
+            yield f"{name} must lie in [0, 1], got {getattr(recipe, name)}"
+    for name in ("weight_decay", "warmup_epochs"):
+        if not getattr(recipe, name) >= 0:
+            yield f"{name} must not be negative, got {getattr(recipe, name)}"
+    if recipe.schedule not in SCHEDULES:
+        yield f"schedule must be one of {SCHEDULES}, got {recipe.schedule!r}"
 
 
 RECIPES = {
@@ -41,6 +68,7 @@ class TrainConfig:
     resize: int = 96
     seed: int = 0
     limit_train: int | None = None  # train on the first N examples only
+    validation: int = 0  # hold the last N training examples out, to choose a recipe on
     init_from: str | None = None  # PyTorch weights to start from (fine-tuning)
 
 
@@ -75,6 +103,14 @@ class RunConfig:
 def without_computation_fields(fields: dict) -> dict:
     """`result_fields` (also as saved by earlier versions, where fields added since take
     their defaults) without the model's fields that change how it is computed but not what."""
-    model = {k: v for k, v in fields.get("model", {}).items() if k not in ("kernels", "remat")}
-    train = {"init_from": None, **fields.get("train", {})}
-    return {**fields, "model": model, "train": train}
+    model = {**_defaults(densenet_jax.DenseNetConfig), **fields.get("model", {})}
+    model = {k: v for k, v in model.items() if k not in ("kernels", "remat")}
+    return {**fields, "model": model,
+            "recipe": {**_defaults(RecipeConfig), **fields.get("recipe", {})},
+            "train": {**_defaults(TrainConfig), **fields.get("train", {})}}
+
+
+def _defaults(config_class) -> dict:
+    """A config dataclass's fields with their defaults, sequences as JSON has them."""
+    return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+            for f in dataclasses.fields(config_class)}

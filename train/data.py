@@ -67,6 +67,12 @@ class Split:
     def head(self, n: int) -> "Split":
         return Split(self.images[:n], self.labels[:n])
 
+    def hold_out(self, n: int) -> tuple["Split", "Split"]:
+        """(the first len − n examples, the last n): training and validation splits."""
+        keep = len(self) - n
+        return Split(self.images[:keep], self.labels[:keep]), Split(self.images[keep:],
+                                                                    self.labels[keep:])
+
 
 def default_cache_dir() -> Path:
     """Per-user cache folder, as torchvision and Keras keep one."""

@@ -55,8 +55,7 @@ def main(argv=None) -> int:
         mesh = data_mesh()
         images, labels = replicate((test.images, test.labels), mesh)
         batches = sequential_batches(len(test), run.train.batch_size, mesh)
-        confusion = confusion_matrix(replicate(state, mesh), images, labels, batches,
-                                     run.train.resize, mesh, run.model.num_classes)
+        confusion = confusion_matrix(replicate(state, mesh), images, labels, batches, run, mesh)
     except (CheckpointError, data.DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

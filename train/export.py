@@ -50,7 +50,8 @@ def inference_function(workdir: Path, epoch: int | None = None):
     weights closed over, with the reference kernels."""
     run, state, _, _ = load_run(workdir, epoch)
     model = densenet_jax.DenseNet(dataclasses.replace(run.model, kernels="reference"))
-    f = functools.partial(infer, state.variables, apply_fn=model.apply, resize=run.train.resize)
+    f = functools.partial(infer, state.eval_variables, apply_fn=model.apply,
+                          resize=run.train.resize, flip=run.recipe.test_flip)
     return f, (data.IMAGE_SIZE, data.IMAGE_SIZE, run.model.in_channels)
 
 

@@ -48,21 +48,22 @@ def device_name(mesh=None) -> str:
 
 
 def confusion_matrix(state, images: jax.Array, labels: jax.Array, batches: list[jax.Array],
-                     resize: int, mesh, num_classes: int) -> np.ndarray:
+                     run: RunConfig, mesh) -> np.ndarray:
     """(true class, predicted class) counts in evaluation mode (BatchNorm running
-    statistics) over `batches`, which hold every example once (`sequential_batches`)."""
-    confusion = replicate(np.zeros((num_classes, num_classes), np.int32), mesh)
+    statistics), as `run` evaluates, over `batches`, which hold every example once
+    (`sequential_batches`)."""
+    classes = run.model.num_classes
+    confusion = replicate(np.zeros((classes, classes), np.int32), mesh)
     for indices in batches:
-        confusion = eval_step(state, confusion, images, labels, indices, resize=resize,
-                              mesh=mesh)
+        confusion = eval_step(state, confusion, images, labels, indices, resize=run.train.resize,
+                              flip=run.recipe.test_flip, mesh=mesh)
     return np.asarray(confusion)
 
 
 def evaluate(state, images: jax.Array, labels: jax.Array, batches: list[jax.Array],
-             resize: int, mesh, num_classes: int) -> float:
+             run: RunConfig, mesh) -> float:
     """Accuracy in evaluation mode over `batches` (see `confusion_matrix`)."""
-    confusion = confusion_matrix(state, images, labels, batches, resize, mesh, num_classes)
-    return int(np.trace(confusion)) / len(labels)
+    return int(np.trace(confusion_matrix(state, images, labels, batches, run, mesh))) / len(labels)
 
 
 def warm_up(state, images: jax.Array, labels: jax.Array, run: RunConfig, mesh) -> float:
@@ -95,13 +96,15 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
     log = log if lead else _silent
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint.claim(workdir, resume, overwrite, delete=lead)  # every process: all refuse alike
-    train_split = splits["train"].head(cfg.limit_train) if cfg.limit_train else splits["train"]
+    train_split, held_out = split_for_validation(splits["train"], cfg.validation)
+    train_split = train_split.head(cfg.limit_train) if cfg.limit_train else train_split
     num_train = len(train_split)
     steps_per_epoch = math.ceil(num_train / cfg.batch_size)
     model = densenet_jax.DenseNet(model_cfg)
     optimizer = make_optimizer(run.recipe, steps_per_epoch, cfg.epochs)
     init_key, data_key = jax.random.split(jax.random.key(cfg.seed))
-    state = create_train_state(model, optimizer, init_key, cfg.resize)
+    state = create_train_state(model, optimizer, init_key, cfg.resize,
+                               ema=bool(run.recipe.ema_decay))
     if cfg.init_from and not resume:
         state = load_initial_weights(state, cfg.init_from, model_cfg, log)
     state = replicate(state, mesh)
@@ -119,11 +122,12 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
         _write_metrics(workdir, history)
 
     # The whole split goes to every device once, as uint8.
-    train_images, train_labels, test_images, test_labels = replicate(
-        (train_split.images, train_split.labels, splits["test"].images, splits["test"].labels),
-        mesh)
-    # The evaluation order never changes: cut and placed on the devices once.
-    test_batches = sequential_batches(len(splits["test"]), cfg.batch_size, mesh)
+    train_images, train_labels = replicate((train_split.images, train_split.labels), mesh)
+    # Evaluated after each epoch, in an order that never changes: placed on the devices once.
+    evaluated = {"test": splits["test"], **({"val": held_out} if cfg.validation else {})}
+    evaluated = {name: (*replicate((split.images, split.labels), mesh),
+                        sequential_batches(len(split), cfg.batch_size, mesh))
+                 for name, split in evaluated.items()}
     show_progress = lead and sys.stderr.isatty()
     log("compiling train_step (tens of seconds)")
     compile_seconds = warm_up(state, train_images, train_labels, run, mesh)
@@ -155,8 +159,8 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
                                          f"--lr and start again")
             record = {"epoch": epoch, "loss": loss,
                       "train_acc": int(metrics["correct"]) / int(metrics["count"]),
-                      "test_acc": evaluate(state, test_images, test_labels, test_batches,
-                                           cfg.resize, mesh, model_cfg.num_classes),
+                      **{f"{name}_acc": evaluate(state, images, labels, batches, run, mesh)
+                         for name, (images, labels, batches) in evaluated.items()},
                       "examples_per_sec": num_train / train_seconds,
                       "train_seconds": train_seconds}
             history.append(record)
@@ -165,10 +169,25 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
                 _write_metrics(workdir, history)
                 plot_curves(history, workdir / "curves.png")
                 write_scalars(record)
-            log(f"epoch {epoch}/{cfg.epochs}: loss {loss:.3f}, train acc "
-                f"{record['train_acc']:.3f}, test acc {record['test_acc']:.3f}, "
+            log(f"epoch {epoch}/{cfg.epochs}: {accuracies(record)}, "
                 f"{record['examples_per_sec']:.1f} examples/sec")
     return history
+
+
+def split_for_validation(train: Split, validation: int) -> tuple[Split, Split]:
+    """(training, validation) splits: the last `validation` training examples held out.
+    ValueError, in one line, if that leaves nothing to train on."""
+    if not 0 <= validation < len(train):
+        raise ValueError(f"--validation {validation} must lie in 0..{len(train) - 1}: the "
+                         f"training split has {len(train)} examples")
+    return train.hold_out(validation)
+
+
+def accuracies(record: dict) -> str:
+    """"loss 0.154, train acc 0.943, test acc 0.880" (d2l's figures), then val acc if any."""
+    text = (f"loss {record['loss']:.3f}, train acc {record['train_acc']:.3f}, "
+            f"test acc {record['test_acc']:.3f}")
+    return text + (f", val acc {record['val_acc']:.3f}" if "val_acc" in record else "")
 
 
 def load_initial_weights(state, path: str, config: densenet_jax.DenseNetConfig, log=print):
@@ -176,21 +195,21 @@ def load_initial_weights(state, path: str, config: densenet_jax.DenseNetConfig, 
     for other input channels or classes (densenet_jax.fine_tune_variables); says so."""
     variables, notes = densenet_jax.fine_tune_variables(path, config, state.variables)
     log(f"started from the weights in {path}" + "".join(f"; {note}" for note in notes))
-    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                         ema=None if state.ema is None else jax.tree.map(jnp.copy, variables))
 
 
 def summary(history: list[dict], mesh=None) -> str:
     """d2l's two closing lines: the last epoch's figures, and training examples per second
     of training-step time over all epochs (compilation excluded)."""
-    last = history[-1]
     examples = sum(r["examples_per_sec"] * r["train_seconds"] for r in history)
     seconds = sum(r["train_seconds"] for r in history)
-    return (f"loss {last['loss']:.3f}, train acc {last['train_acc']:.3f}, "
-            f"test acc {last['test_acc']:.3f}\n"
+    return (f"{accuracies(history[-1])}\n"
             f"{examples / seconds:.1f} examples/sec on {device_name(mesh)}")
 
 
-SCALARS = ("loss", "train_acc", "test_acc", "examples_per_sec")  # TensorBoard's, per epoch
+# TensorBoard's, per epoch (val_acc where the run holds a validation split)
+SCALARS = ("loss", "train_acc", "test_acc", "val_acc", "examples_per_sec")
 
 
 @contextlib.contextmanager
@@ -205,7 +224,8 @@ def tensorboard(workdir: Path, enabled: bool = True):
 
     def write(record: dict) -> None:
         for name in SCALARS:
-            writer.add_scalar(name, record[name], record["epoch"])
+            if name in record:
+                writer.add_scalar(name, record[name], record["epoch"])
         writer.flush()
 
     try:

@@ -24,7 +24,7 @@ import jax
 import densenet_jax
 from train import data, supervise
 from train.checkpoint import CheckpointError, saved_epochs
-from train.config import RECIPES, RunConfig, TrainConfig
+from train.config import RECIPES, RecipeConfig, RunConfig, TrainConfig
 from train.host import configure_host
 from train.loop import NonFiniteLossError, fit, summary
 from train.parallel import initialize_distributed
@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--recipe", default="d2l", choices=sorted(RECIPES),
                         help="d2l: plain SGD as the source; strong: Nesterov momentum, weight "
                              "decay, cosine schedule with warm-up, crop+flip, label smoothing")
+    parser.add_argument("--recipe-fields", nargs="+", metavar="FIELD=VALUE", default=[],
+                        help="set any RecipeConfig field over --recipe and --lr, e.g. "
+                             "random_erasing=0.25 ema_decay=0.999 test_flip=true")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help="examples per SGD step, split over all devices")
@@ -73,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "channels is adapted, a classifier for other classes replaced")
     parser.add_argument("--limit-train", type=int, metavar="N",
                         help="train on the first N training examples only (a quick run)")
+    parser.add_argument("--validation", type=int, default=defaults.validation, metavar="N",
+                        help="hold the last N training examples out and report their "
+                             "accuracy (val acc) each epoch: choose settings on it, not on "
+                             "the test set")
     parser.add_argument("--data-source", default="idx", choices=data.SOURCES,
                         help="idx: the four files read directly; tfds: through "
                              "tensorflow-datasets")
@@ -112,6 +119,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     if args.limit_train is not None and args.limit_train <= 0:
         raise ValueError(f"--limit-train must be positive, got {args.limit_train}")
+    if args.validation < 0:
+        raise ValueError(f"--validation must not be negative, got {args.validation}")
     if not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     if args.init_from is not None and not Path(args.init_from).is_file():
@@ -133,11 +142,16 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     recipe = RECIPES[args.recipe]
     if args.lr is not None:
         recipe = dataclasses.replace(recipe, learning_rate=args.lr)
+    try:
+        recipe = dataclasses.replace(recipe, **densenet_jax.config.parse_fields(
+            args.recipe_fields, RecipeConfig))
+    except ValueError as error:
+        raise ValueError(f"--recipe-fields {error}") from None
     return RunConfig(
         model=model, recipe=recipe,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, resize=args.resize,
                           seed=args.seed, limit_train=args.limit_train,
-                          init_from=args.init_from),
+                          validation=args.validation, init_from=args.init_from),
         data=data.DataConfig(source=args.data_source, data_dir=args.data_dir,
                              download=not (args.data_dir or os.environ.get(data.ENV_VAR))))
 

@@ -26,6 +26,47 @@ def random_crop_and_flip(images: jax.Array, key: jax.Array) -> jax.Array:
     return jnp.where(flip, crops[:, :, ::-1], crops)
 
 
+def random_erasing(images: jax.Array, key: jax.Array, probability: float,
+                   area: tuple[float, float] = (0.02, 0.4),
+                   aspect: tuple[float, float] = (0.3, 3.3)) -> jax.Array:
+    """Random erasing (Zhong et al., 2020): with `probability`, each image gets a box of
+    `area` (fraction of the image) and `aspect` ratio (log-uniform) filled with uniform noise.
+    A box that would not fit is clipped to the image (the paper redraws it).
+
+    images: (B, H, W, C) uint8 → (B, H, W, C) uint8.
+    """
+    batch, height, width, channels = images.shape
+    keys = jax.random.split(key, 6)
+    erase = jax.random.bernoulli(keys[0], probability, (batch,))
+    box_area = jax.random.uniform(keys[1], (batch,), minval=area[0], maxval=area[1]) * height * width
+    ratio = jnp.exp(jax.random.uniform(keys[2], (batch,), minval=np.log(aspect[0]),
+                                       maxval=np.log(aspect[1])))
+    box_h = jnp.clip(jnp.round(jnp.sqrt(box_area * ratio)), 1, height).astype(jnp.int32)
+    box_w = jnp.clip(jnp.round(jnp.sqrt(box_area / ratio)), 1, width).astype(jnp.int32)
+    top = jax.random.randint(keys[3], (batch,), 0, height - box_h + 1)
+    left = jax.random.randint(keys[4], (batch,), 0, width - box_w + 1)
+
+    def inside(start, size, length):  # (B, length) bool
+        position = jnp.arange(length)
+        return (position >= start[:, None]) & (position < (start + size)[:, None])
+
+    box = inside(top, box_h, height)[:, :, None] & inside(left, box_w, width)[:, None, :]
+    noise = jax.random.randint(keys[5], images.shape, 0, 256, jnp.int32).astype(images.dtype)
+    return jnp.where((erase[:, None, None] & box)[..., None], noise, images)
+
+
+def augment(images: jax.Array, key: jax.Array, recipe) -> jax.Array:
+    """The recipe's augmentations of a batch, all drawn from `key` (one per step).
+
+    images: (B, H, W, C) uint8 → (B, H, W, C) uint8.
+    """
+    if recipe.augment:
+        images = random_crop_and_flip(images, key)
+    if recipe.random_erasing:  # a key of its own; the crops stay those of earlier versions
+        images = random_erasing(images, jax.random.fold_in(key, 1), recipe.random_erasing)
+    return images
+
+
 def preprocess(images: jax.Array, resize: int) -> jax.Array:
     """d2l's transforms: pixels ÷ 255 and a bilinear resize to resize × resize (no
     normalisation). images: (B, 28, 28, 1) uint8 → (B, resize, resize, 1) float32; the

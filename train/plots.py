@@ -1,5 +1,5 @@
 """Figures made for a report: d2l's training plot (train loss, train and test accuracy per
-epoch) and an evaluation's confusion matrix."""
+epoch, validation accuracy where there is any) and an evaluation's confusion matrix."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +17,9 @@ def curves_figure(history: list[dict]) -> Figure:
     loss_ax, acc_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, [r["loss"] for r in history], "o-", label="train loss")
     loss_ax.set_ylabel("loss")
-    for name, style in (("train_acc", "s--"), ("test_acc", "^-.")):
-        acc_ax.plot(epochs, [r[name] for r in history], style, label=name.replace("_", " "))
+    for name, style in (("train_acc", "s--"), ("test_acc", "^-."), ("val_acc", "v:")):
+        if name in history[0]:
+            acc_ax.plot(epochs, [r[name] for r in history], style, label=name.replace("_", " "))
     acc_ax.set_ylabel("accuracy")
     for ax in (loss_ax, acc_ax):
         ax.set_xlabel("epoch")

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         return 1
     names = data.class_names(run.model.num_classes)
     classify = jax.jit(functools.partial(infer, apply_fn=state.apply_fn,
-                                         resize=run.train.resize))
+                                         resize=run.train.resize, flip=run.recipe.test_flip))
     failed = False
     for name in args.images:
         try:
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
             print(f"error: {name}: {error}", file=sys.stderr)
             failed = True
             continue
-        probabilities = np.asarray(jax.nn.softmax(classify(state.variables, image[None])[0]))
+        probabilities = np.asarray(jax.nn.softmax(classify(state.eval_variables, image[None])[0]))
         print(f"{name}: {top_k(probabilities, names, args.top_k)}")
     return 1 if failed else 0
 

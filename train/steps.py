@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 import densenet_jax
 from train.config import RecipeConfig
 from train.parallel import shard_batch
-from train.pipeline import preprocess, random_crop_and_flip
+from train.pipeline import augment, preprocess
 
 
 class TrainState(train_state.TrainState):
@@ -23,12 +23,18 @@ class TrainState(train_state.TrainState):
     model's kernel set (static)."""
 
     batch_stats: Any = None
+    ema: Any = None  # {"params", "batch_stats"} averaged over steps, if the recipe keeps them
     kernels: densenet_jax.kernels.Kernels = struct.field(pytree_node=False, default=None)
 
     @property
     def variables(self) -> dict:
         """What the model applies: {"params", "batch_stats"}."""
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+    @property
+    def eval_variables(self) -> dict:
+        """What evaluation, prediction and export apply: the moving average if kept."""
+        return self.variables if self.ema is None else self.ema
 
 
 def learning_rate_schedule(recipe: RecipeConfig, steps_per_epoch: int, epochs: int):
@@ -51,12 +57,14 @@ def make_optimizer(recipe: RecipeConfig, steps_per_epoch: int, epochs: int):
 
 
 def create_train_state(model: densenet_jax.DenseNet, optimizer, key: jax.Array,
-                       resize: int) -> TrainState:
-    """Initialised variables (Xavier-uniform conv and linear kernels, as d2l)."""
+                       resize: int, ema: bool = False) -> TrainState:
+    """Initialised variables (Xavier-uniform conv and linear kernels, as d2l); with `ema`,
+    their moving average starts at them."""
     x = jnp.zeros((1, resize, resize, model.config.in_channels), model.config.param_dtype)
     variables = jax.jit(functools.partial(model.init, train=False))(key, x)
     state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optimizer,
                               batch_stats=variables["batch_stats"],
+                              ema=jax.tree.map(jnp.copy, variables) if ema else None,
                               kernels=densenet_jax.kernels.get_kernels(model.config.kernels))
     # An int32 array, not Python's 0, so the first step hits the same compiled program.
     return state.replace(step=jnp.zeros((), jnp.int32))
@@ -79,9 +87,7 @@ def train_step(state: TrainState, metrics: dict, images: jax.Array, labels: jax.
     same crops. metrics accumulate the loss sum and correct count on the devices.
     """
     batch, y = shard_batch(images[indices], mesh), shard_batch(labels[indices], mesh)
-    if recipe.augment:
-        batch = random_crop_and_flip(batch, jax.random.fold_in(key, state.step))
-    x = preprocess(batch, resize)
+    x = preprocess(augment(batch, jax.random.fold_in(key, state.step), recipe), resize)
 
     def loss_fn(params):
         logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
@@ -95,25 +101,42 @@ def train_step(state: TrainState, metrics: dict, images: jax.Array, labels: jax.
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = state.kernels.finish_gradients(grads)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if recipe.ema_decay:
+        state = state.replace(ema=moving_average(state.ema, state.variables, state.step,
+                                                 recipe.ema_decay))
     metrics = {"loss_sum": metrics["loss_sum"] + loss * y.shape[0],
                "correct": metrics["correct"] + jnp.sum(jnp.argmax(logits, -1) == y),
                "count": metrics["count"] + y.shape[0]}
     return state, metrics
 
 
-def infer(variables: dict, images: jax.Array, *, apply_fn, resize: int) -> jax.Array:
+def moving_average(average: dict, variables: dict, step: jax.Array, decay: float) -> dict:
+    """The weights' exponential moving average after `step` steps. Its decay grows as
+    (1 + step) / (10 + step) up to `decay`, so the start's random weights fade fast."""
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return optax.incremental_update(variables, average, step_size=1.0 - decay)
+
+
+def infer(variables: dict, images: jax.Array, *, apply_fn, resize: int,
+          flip: bool = False) -> jax.Array:
     """Logits (B, classes) in evaluation mode for uint8 images (B, H, W, C), preprocessed as
-    in training: what evaluation, prediction and export compute."""
-    return apply_fn(variables, preprocess(images, resize), train=False)
+    in training: what evaluation, prediction and export compute. `flip`: the mean of the
+    logits of each image and of its mirror image (test-time augmentation)."""
+    x = preprocess(images, resize)
+    if flip:
+        return (apply_fn(variables, x, train=False)
+                + apply_fn(variables, x[:, :, ::-1], train=False)) / 2
+    return apply_fn(variables, x, train=False)
 
 
-@functools.partial(jax.jit, static_argnames=("resize", "mesh"), donate_argnums=(1,))
+@functools.partial(jax.jit, static_argnames=("resize", "flip", "mesh"), donate_argnums=(1,))
 def eval_step(state: TrainState, confusion: jax.Array, images: jax.Array, labels: jax.Array,
-              indices: jax.Array, *, resize: int, mesh: Mesh) -> jax.Array:
+              indices: jax.Array, *, resize: int, flip: bool, mesh: Mesh) -> jax.Array:
     """Running confusion matrix (classes, classes), int32, in evaluation mode (running
-    statistics): row = true class, column = predicted class."""
-    logits = infer(state.variables, shard_batch(images[indices], mesh), apply_fn=state.apply_fn,
-                   resize=resize)
+    statistics, the moving average if kept; `flip`: see `infer`): row = true class,
+    column = predicted class."""
+    logits = infer(state.eval_variables, shard_batch(images[indices], mesh),
+                   apply_fn=state.apply_fn, resize=resize, flip=flip)
     confusion = confusion.at[shard_batch(labels[indices], mesh), jnp.argmax(logits, -1)].add(1)
     # replicated, as it came: every process can read it
     return jax.lax.with_sharding_constraint(confusion, NamedSharding(mesh, P()))
@@ -121,11 +144,13 @@ def eval_step(state: TrainState, confusion: jax.Array, images: jax.Array, labels
 
 def checkpoint_tree(state: TrainState) -> dict:
     """The arrays of a TrainState (what a checkpoint holds)."""
-    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+    tree = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
             "opt_state": state.opt_state}
+    return tree if state.ema is None else {**tree, "ema": state.ema}
 
 
 def replace_from_tree(state: TrainState, tree: dict) -> TrainState:
     return state.replace(step=tree["step"], params=tree["params"],
-                         batch_stats=tree["batch_stats"], opt_state=tree["opt_state"])
+                         batch_stats=tree["batch_stats"], opt_state=tree["opt_state"],
+                         ema=tree.get("ema"))
 
