@@ -13,6 +13,29 @@ def pytest_configure(config):
     use_ynnpack_fusions()
 
 
+def memory_maps() -> tuple[int, int]:
+    """(memory regions this process maps, the most Linux allows it); (0, 1) elsewhere."""
+    try:
+        with open("/proc/self/maps") as maps, open("/proc/sys/vm/max_map_count") as limit:
+            return sum(1 for _ in maps), int(limit.read())
+    except OSError:
+        return 0, 1
+
+
+@pytest.fixture(autouse=True)
+def bounded_compiled_code():
+    """XLA:CPU maps about 1,100 memory regions per compiled training step and keeps them
+    while JAX caches the program; past Linux's per-process limit (vm.max_map_count, 65,530
+    by default) LLVM crashes in the next compilation. The suite compiles more programs than
+    that holds, so JAX's caches are dropped once half of it is used."""
+    yield
+    used, limit = memory_maps()
+    if used > limit // 2:
+        import jax
+
+        jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     folder = os.environ.get(data.ENV_VAR)
