@@ -35,10 +35,11 @@ def random_erasing(images: jax.Array, key: jax.Array, probability: float,
 
     images: (B, H, W, C) uint8 → (B, H, W, C) uint8.
     """
-    batch, height, width, channels = images.shape
+    batch, height, width, _ = images.shape
     keys = jax.random.split(key, 6)
     erase = jax.random.bernoulli(keys[0], probability, (batch,))
-    box_area = jax.random.uniform(keys[1], (batch,), minval=area[0], maxval=area[1]) * height * width
+    box_area = (jax.random.uniform(keys[1], (batch,), minval=area[0], maxval=area[1])
+                * height * width)
     ratio = jnp.exp(jax.random.uniform(keys[2], (batch,), minval=np.log(aspect[0]),
                                        maxval=np.log(aspect[1])))
     box_h = jnp.clip(jnp.round(jnp.sqrt(box_area * ratio)), 1, height).astype(jnp.int32)
