@@ -6,20 +6,67 @@ import pytest
 from train import bench
 
 
+QUICK = ["--batch", "8", "--resize", "32", "--steps", "1", "--repeats", "2", "--peak-size", "256"]
+
+
 @pytest.mark.slow
-def test_quick_benchmark_prints_its_json_line(capsys):
-    assert bench.main(["--batch", "8", "--resize", "32", "--steps", "1", "--repeats", "2"]) == 0
+def test_quick_benchmark_prints_every_setting_and_its_json_line(capsys):
+    assert bench.main(QUICK) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     assert set(result) == {"device", "preset", "batch", "resize", "precision", "kernels",
-                           "remat", "jax_examples_per_sec", "torch_examples_per_sec", "ratio",
-                           "compile_seconds", "peak_bytes"}
+                           "remat", "jax_examples_per_sec", "torch_examples_per_sec",
+                           "torch_channels_last_examples_per_sec",
+                           "torch_compile_examples_per_sec", "ratio", "best_torch", "ratio_best",
+                           "compile_seconds", "torch_compile_seconds", "peak_bytes",
+                           "flops_per_example", "matmul_peak_flops", "peak_fraction"}
     assert result["batch"] == 8 and result["preset"] == "d2l" and result["precision"] == "fp32"
     assert result["kernels"] == "xla_cpu" and result["remat"] is False  # auto, on the CPU
-    assert result["jax_examples_per_sec"] > 0 and result["torch_examples_per_sec"] > 0
-    assert abs(result["ratio"] - result["jax_examples_per_sec"]
-               / result["torch_examples_per_sec"]) < 1e-9
+    rates = {"eager": result["torch_examples_per_sec"],
+             "channels_last": result["torch_channels_last_examples_per_sec"],
+             "compile": result["torch_compile_examples_per_sec"]}
+    assert result["jax_examples_per_sec"] > 0 and all(rate > 0 for rate in rates.values())
+    assert result["best_torch"] == max(rates, key=rates.get)
+    assert result["ratio"] == pytest.approx(result["jax_examples_per_sec"] / rates["eager"])
+    assert result["ratio_best"] == pytest.approx(result["jax_examples_per_sec"]
+                                                 / max(rates.values()))
     assert result["peak_bytes"] > 0 and result["compile_seconds"] > 0
+    assert result["torch_compile_seconds"] > 0
+    # d2l's step at 32×32: about 62 MFLOP per example (forward and backward).
+    assert 40e6 < result["flops_per_example"] < 90e6
+    assert set(result["peak_fraction"]) == {"jax", *rates}
+    assert result["peak_fraction"]["jax"] == pytest.approx(
+        result["jax_examples_per_sec"] * result["flops_per_example"] / result["matmul_peak_flops"])
+    table = "\n".join(lines)
+    for name in ("ours (jax)", "torch eager NCHW", "torch eager channels-last", "torch.compile",
+                 "ratio_best ours/", "matrix-product peak"):
+        assert name in table
+
+
+@pytest.mark.slow
+def test_a_setting_pytorch_cannot_run_is_left_out_with_one_line(capsys, monkeypatch):
+    import torch
+
+    def no_compiler(model):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    assert bench.main([*QUICK, "--torch", "eager", "compile"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert ("torch.compile: not available here (RuntimeError: no C++ compiler found)"
+            in lines)
+    result = json.loads(lines[-1])
+    assert result["torch_compile_examples_per_sec"] is None
+    assert result["torch_channels_last_examples_per_sec"] is None  # not asked for
+    assert result["best_torch"] == "eager" and result["ratio_best"] == result["ratio"]
+
+
+@pytest.mark.slow
+def test_no_torch_times_ours_alone(capsys):
+    assert bench.main([*QUICK, "--no-torch", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["torch_examples_per_sec"] is None and result["ratio_best"] is None
+    assert set(result["peak_fraction"]) == {"jax"}
 
 
 @pytest.mark.slow
@@ -37,3 +84,5 @@ def test_benchmark_rejects_bad_input(capsys):
     assert "--resize 20 is below this network's minimum input size 29" in capsys.readouterr().err
     assert bench.main(["--batch", "0"]) == 1
     assert "--batch must be positive" in capsys.readouterr().err
+    assert bench.main(["--peak-size", "0", "--no-torch"]) == 1
+    assert "--peak-size must be positive" in capsys.readouterr().err

@@ -5,8 +5,11 @@
 
 Times full training steps (forward, backward, SGD update, BatchNorm update; the batch
 gathered, converted and resized on the device) after warm-up and compilation, alternating
-JAX and PyTorch (eager, same batch, resize, threads and precision) over several repeats,
-and reports medians. The last line is JSON.
+ours with PyTorch (same batch, resize, threads and precision) in each of its settings: eager
+in NCHW, eager in channels-last and `torch.compile`, over several repeats, and reports
+medians, each one's ratio against the fastest and its share of this machine's matrix-product
+peak. The last line is JSON: `ratio` is ours over PyTorch eager NCHW, `ratio_best` ours over
+the fastest PyTorch setting.
 """
 from __future__ import annotations
 
@@ -43,7 +46,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_flags(parser)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-torch", action="store_true", help="time JAX only")
+    parser.add_argument("--torch", nargs="*", default=list(TORCH_SETTINGS),
+                        choices=TORCH_SETTINGS, metavar="SETTING",
+                        help="PyTorch settings to time: eager (NCHW), channels_last (eager), "
+                             "compile (torch.compile, inductor); none: time ours only "
+                             "(default: all)")
+    parser.add_argument("--no-torch", dest="torch", action="store_const", const=[],
+                        help="time ours only (as --torch with no setting)")
+    parser.add_argument("--peak-size", type=int, default=4096,
+                        help="side of the square matrix product that measures the peak")
     parser.add_argument("--end-to-end", action="store_true",
                         help="one epoch of train.main (data pipeline included) instead")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder, for --end-to-end")
@@ -73,6 +84,9 @@ class JaxSteps:
         memory = self.compiled.memory_analysis()
         self.peak_bytes = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
                            + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+        # The compiled program is one device's share of the batch.
+        self.flops_per_example = (self.compiled.cost_analysis()["flops"]
+                                  / (batch / mesh.devices.size))
         self.run(1)  # warm-up
 
     def run(self, steps: int) -> float:
@@ -84,11 +98,20 @@ class JaxSteps:
         return time.perf_counter() - start
 
 
-class TorchSteps:
-    """The same step in PyTorch eager (on the GPU when there is one; bf16 under autocast,
-    PyTorch's mixed precision): convert, resize, forward, backward, SGD."""
+TORCH_SETTINGS = ("eager", "channels_last", "compile")
+TORCH_NAMES = {"eager": "torch eager NCHW", "channels_last": "torch eager channels-last",
+               "compile": "torch.compile"}
 
-    def __init__(self, config: densenet_jax.DenseNetConfig, batch: int, resize: int):
+
+class TorchSteps:
+    """The same step in PyTorch (on the GPU when there is one; bf16 under autocast,
+    PyTorch's mixed precision): convert, resize, forward, backward, SGD. `setting`: "eager"
+    (NCHW), "channels_last" (eager, parameters and input in NHWC memory order, oneDNN's own
+    layout) or "compile" (`torch.compile` of the model, inductor, compiled on the first step,
+    `compile_seconds`)."""
+
+    def __init__(self, config: densenet_jax.DenseNetConfig, batch: int, resize: int,
+                 setting: str = "eager"):
         import torch
 
         from densenet_jax.torch_reference import reference_model, xavier_init_
@@ -96,16 +119,20 @@ class TorchSteps:
         self.torch, self.resize = torch, resize
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        self.memory_format = (torch.channels_last if setting == "channels_last"
+                              else torch.contiguous_format)
         torch.manual_seed(0)
-        self.model = xavier_init_(reference_model(config)).train().to(device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        model = xavier_init_(reference_model(config)).train().to(device)
+        model = model.to(memory_format=self.memory_format)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        self.model = torch.compile(model) if setting == "compile" else model
         rng = np.random.default_rng(0)
         self.images = torch.from_numpy(
             rng.integers(0, 256, (batch, 1, 28, 28), dtype=np.uint8)).to(device)
         self.labels = torch.from_numpy(rng.integers(0, 10, batch)).to(device)
         self.autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16,
                                           enabled=config.dtype == "bfloat16")
-        self.run(1)  # warm-up
+        self.compile_seconds = self.run(1)  # warm-up (and compilation)
 
     def run(self, steps: int) -> float:
         torch = self.torch
@@ -113,6 +140,7 @@ class TorchSteps:
         for _ in range(steps):
             x = torch.nn.functional.interpolate(self.images.float() / 255, size=self.resize,
                                                 mode="bilinear", align_corners=False)
+            x = x.contiguous(memory_format=self.memory_format)
             with self.autocast():
                 loss = torch.nn.functional.cross_entropy(self.model(x), self.labels)
             self.optimizer.zero_grad()
@@ -120,6 +148,41 @@ class TorchSteps:
             self.optimizer.step()
         self.synchronize()
         return time.perf_counter() - start
+
+
+def torch_steps(config, batch: int, resize: int, setting: str) -> TorchSteps | None:
+    """`TorchSteps` in `setting`, or None (with a line saying why) where this PyTorch
+    cannot run it, e.g. `torch.compile` without a C++ compiler."""
+    try:
+        return TorchSteps(config, batch, resize, setting)
+    except Exception as error:  # noqa: BLE001 -- any failure of an optional backend
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(f"{TORCH_NAMES[setting]}: not available here ({type(error).__name__}: "
+              f"{reason[:200]})")
+        return None
+
+
+def matmul_peak(size: int, dtype: str, with_torch: bool) -> float:
+    """FLOP/s of the fastest size×size matrix product this machine runs in `dtype`: JAX's
+    and, when asked, PyTorch's, best of three each after one untimed product."""
+    a = jax.numpy.ones((size, size), dtype)
+    product = jax.jit(jax.numpy.dot).lower(a, a).compile()
+    runs = [lambda: product(a, a).block_until_ready()]
+    if with_torch:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        b = torch.ones((size, size), dtype=getattr(torch, dtype), device=device)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        runs.append(lambda: (b @ b, sync()))
+    best = float("inf")
+    for run in runs:
+        run()
+        for _ in range(3):
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
 
 def examples_per_sec(framework: JaxSteps | TorchSteps, steps: int, batch: int) -> float:
@@ -131,26 +194,50 @@ def examples_per_sec(framework: JaxSteps | TorchSteps, steps: int, batch: int) -
 
 
 def step_benchmark(args, config) -> dict:
-    ours = JaxSteps(config, args.batch, args.resize, data_mesh())
-    theirs = None if args.no_torch else TorchSteps(config, args.batch, args.resize)
-    jax_rates, torch_rates = [], []
-    for _ in range(args.repeats):  # A/B alternated, so drifts hit both alike
-        jax_rates.append(examples_per_sec(ours, args.steps, args.batch))
-        if theirs:
-            torch_rates.append(examples_per_sec(theirs, args.steps, args.batch))
-    result = {"jax_examples_per_sec": statistics.median(jax_rates),
-              "torch_examples_per_sec": statistics.median(torch_rates) if theirs else None,
-              "compile_seconds": ours.compile_seconds, "peak_bytes": ours.peak_bytes}
-    result["ratio"] = (result["jax_examples_per_sec"] / result["torch_examples_per_sec"]
-                       if theirs else None)
-    print(f"{'framework':<10}{'median ex/s':>12}  per repeat")
-    print(f"{'jax':<10}{result['jax_examples_per_sec']:>12.1f}  "
-          + " ".join(f"{r:.1f}" for r in jax_rates))
-    if theirs:
-        print(f"{'torch':<10}{result['torch_examples_per_sec']:>12.1f}  "
-              + " ".join(f"{r:.1f}" for r in torch_rates))
-        print(f"ratio jax/torch {result['ratio']:.2f}")
-    print(f"compile {ours.compile_seconds:.1f} s, compiled step memory {ours.peak_bytes / 2**20:.1f} MiB")
+    mesh = data_mesh()
+    ours = JaxSteps(config, args.batch, args.resize, mesh)
+    settings = {setting: torch_steps(config, args.batch, args.resize, setting)
+                for setting in args.torch}
+    settings = {setting: steps for setting, steps in settings.items() if steps}
+    frameworks = {"jax": ours, **settings}
+    rates = {name: [] for name in frameworks}
+    for _ in range(args.repeats):  # alternated, so drifts hit all alike
+        for name, framework in frameworks.items():
+            rates[name].append(examples_per_sec(framework, args.steps, args.batch))
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    peak = matmul_peak(args.peak_size, config.dtype, with_torch=bool(args.torch))
+    share = {name: rate * ours.flops_per_example / (peak * mesh.devices.size)
+             for name, rate in median.items()}
+    fastest = max(median.values())
+    best_torch = max(settings, key=median.get) if settings else None
+
+    print(f"{'':<27}{'median ex/s':>12}{'× fastest':>10}{'of peak':>9}  per repeat")
+    for name, values in rates.items():
+        print(f"{'ours (jax)' if name == 'jax' else TORCH_NAMES[name]:<27}{median[name]:>12.1f}"
+              f"{median[name] / fastest:>10.2f}{share[name]:>9.0%}  "
+              + " ".join(f"{r:.1f}" for r in values))
+    result = {"jax_examples_per_sec": median["jax"],
+              "torch_examples_per_sec": median.get("eager"),
+              "torch_channels_last_examples_per_sec": median.get("channels_last"),
+              "torch_compile_examples_per_sec": median.get("compile"),
+              "ratio": median["jax"] / median["eager"] if "eager" in median else None,
+              "best_torch": best_torch,
+              "ratio_best": median["jax"] / median[best_torch] if best_torch else None,
+              "compile_seconds": ours.compile_seconds,
+              "torch_compile_seconds": (settings["compile"].compile_seconds
+                                        if "compile" in settings else None),
+              "peak_bytes": ours.peak_bytes, "flops_per_example": ours.flops_per_example,
+              "matmul_peak_flops": peak, "peak_fraction": share}
+    if result["ratio"]:
+        print(f"ratio ours/torch eager NCHW {result['ratio']:.2f}")
+    if best_torch:
+        print(f"ratio_best ours/{TORCH_NAMES[best_torch]} {result['ratio_best']:.2f}")
+    print(f"compile {ours.compile_seconds:.1f} s"
+          + (f" (torch.compile {result['torch_compile_seconds']:.1f} s)"
+             if result["torch_compile_seconds"] else "")
+          + f", compiled step memory {ours.peak_bytes / 2**20:.1f} MiB")
+    print(f"matrix-product peak {peak / 1e9:.1f} GFLOP/s ({args.peak_size}², {config.dtype}); "
+          f"our step {ours.flops_per_example / 1e6:.1f} MFLOP per example (XLA's count)")
     return result
 
 
@@ -166,14 +253,13 @@ def end_to_end_benchmark(args, config) -> dict:
     rate = history[-1]["examples_per_sec"]
     print(f"one epoch: {rate:.1f} examples/sec in the training steps, {wall:.1f} s wall "
           f"(compilation, evaluation and checkpoint included)")
-    return {"jax_examples_per_sec": rate, "torch_examples_per_sec": None, "ratio": None,
-            "compile_seconds": None, "peak_bytes": None, "epoch_wall_seconds": wall}
+    return {"jax_examples_per_sec": rate, "epoch_wall_seconds": wall}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        require_positive(args, "batch", "resize", "steps", "repeats")
+        require_positive(args, "batch", "resize", "steps", "repeats", "peak_size")
         config = densenet_jax.preset(args.preset, dtype=PRECISIONS[args.precision],
                                      remat=args.remat, kernels=args.kernels)
         config.require_input_size(args.resize, "--resize")
