@@ -73,7 +73,7 @@ def test_no_torch_times_ours_alone(capsys):
 def test_benchmark_with_reference_kernels_remat_and_bf16(capsys):
     assert bench.main(["--preset", "densenet121", "--batch", "4", "--resize", "32", "--steps",
                        "1", "--repeats", "1", "--kernels", "reference", "--remat",
-                       "--precision", "bf16"]) == 0
+                       "--precision", "bf16", "--torch", "eager", "--peak-size", "256"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["kernels"], result["remat"], result["precision"]) == ("reference", True, "bf16")
     assert result["jax_examples_per_sec"] > 0 and result["torch_examples_per_sec"] > 0

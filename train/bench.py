@@ -208,14 +208,7 @@ def step_benchmark(args, config) -> dict:
     peak = matmul_peak(args.peak_size, config.dtype, with_torch=bool(args.torch))
     share = {name: rate * ours.flops_per_example / (peak * mesh.devices.size)
              for name, rate in median.items()}
-    fastest = max(median.values())
     best_torch = max(settings, key=median.get) if settings else None
-
-    print(f"{'':<27}{'median ex/s':>12}{'× fastest':>10}{'of peak':>9}  per repeat")
-    for name, values in rates.items():
-        print(f"{'ours (jax)' if name == 'jax' else TORCH_NAMES[name]:<27}{median[name]:>12.1f}"
-              f"{median[name] / fastest:>10.2f}{share[name]:>9.0%}  "
-              + " ".join(f"{r:.1f}" for r in values))
     result = {"jax_examples_per_sec": median["jax"],
               "torch_examples_per_sec": median.get("eager"),
               "torch_channels_last_examples_per_sec": median.get("channels_last"),
@@ -228,17 +221,32 @@ def step_benchmark(args, config) -> dict:
                                         if "compile" in settings else None),
               "peak_bytes": ours.peak_bytes, "flops_per_example": ours.flops_per_example,
               "matmul_peak_flops": peak, "peak_fraction": share}
+    print_report(rates, result, args.peak_size, config.dtype)
+    return result
+
+
+def print_report(rates: dict[str, list[float]], result: dict, peak_size: int,
+                 dtype: str) -> None:
+    """The table (each setting's median, its ratio to the fastest, its share of the peak,
+    every repeat) and the summary lines."""
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    fastest = max(median.values())
+    print(f"{'':<27}{'median ex/s':>12}{'× fastest':>10}{'of peak':>9}  per repeat")
+    for name, values in rates.items():
+        print(f"{'ours (jax)' if name == 'jax' else TORCH_NAMES[name]:<27}{median[name]:>12.1f}"
+              f"{median[name] / fastest:>10.2f}{result['peak_fraction'][name]:>9.0%}  "
+              + " ".join(f"{r:.1f}" for r in values))
     if result["ratio"]:
         print(f"ratio ours/torch eager NCHW {result['ratio']:.2f}")
-    if best_torch:
-        print(f"ratio_best ours/{TORCH_NAMES[best_torch]} {result['ratio_best']:.2f}")
-    print(f"compile {ours.compile_seconds:.1f} s"
+    if result["best_torch"]:
+        print(f"ratio_best ours/{TORCH_NAMES[result['best_torch']]} {result['ratio_best']:.2f}")
+    print(f"compile {result['compile_seconds']:.1f} s"
           + (f" (torch.compile {result['torch_compile_seconds']:.1f} s)"
              if result["torch_compile_seconds"] else "")
-          + f", compiled step memory {ours.peak_bytes / 2**20:.1f} MiB")
-    print(f"matrix-product peak {peak / 1e9:.1f} GFLOP/s ({args.peak_size}², {config.dtype}); "
-          f"our step {ours.flops_per_example / 1e6:.1f} MFLOP per example (XLA's count)")
-    return result
+          + f", compiled step memory {result['peak_bytes'] / 2**20:.1f} MiB")
+    print(f"matrix-product peak {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s ({peak_size}², "
+          f"{dtype}); our step {result['flops_per_example'] / 1e6:.1f} MFLOP per example "
+          f"(XLA's count)")
 
 
 def end_to_end_benchmark(args, config) -> dict:
