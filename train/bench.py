@@ -221,15 +221,14 @@ def step_benchmark(args, config) -> dict:
                                         if "compile" in settings else None),
               "peak_bytes": ours.peak_bytes, "flops_per_example": ours.flops_per_example,
               "matmul_peak_flops": peak, "peak_fraction": share}
-    print_report(rates, result, args.peak_size, config.dtype)
+    print_report(rates, median, result, args.peak_size, config.dtype)
     return result
 
 
-def print_report(rates: dict[str, list[float]], result: dict, peak_size: int,
-                 dtype: str) -> None:
+def print_report(rates: dict[str, list[float]], median: dict[str, float], result: dict,
+                 peak_size: int, dtype: str) -> None:
     """The table (each setting's median, its ratio to the fastest, its share of the peak,
     every repeat) and the summary lines."""
-    median = {name: statistics.median(values) for name, values in rates.items()}
     fastest = max(median.values())
     print(f"{'':<27}{'median ex/s':>12}{'× fastest':>10}{'of peak':>9}  per repeat")
     for name, values in rates.items():
