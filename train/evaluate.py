@@ -1,10 +1,12 @@
 """Evaluate a trained run: test accuracy, per class, and the confusion matrix.
 
-    python -m train.evaluate --workdir runs/x [--epoch N]
+    python -m train.evaluate --workdir runs/x [--epoch N] [--split val] [--no-ema] [--no-flip]
 
 Loads the run's last saved epoch (or epoch N) and measures, in evaluation mode, what
-training logged for it as `test acc`, then each class's accuracy under Fashion-MNIST's names,
-and writes the confusion matrix as a picture (`confusion.png` in the workdir, or --out).
+training logged for it as `test acc` (or `val acc`), then each class's accuracy under
+Fashion-MNIST's names, and writes the confusion matrix as a picture (`confusion.png` in the
+workdir, or --out). --ema/--no-ema and --flip/--no-flip evaluate otherwise than the run did:
+what its moving average and test-time flip buy, measured on the validation split.
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ import numpy as np
 
 from train import data
 from train.checkpoint import CheckpointError, load_run
+from train.config import RunConfig
 from train.host import configure_host
-from train.loop import confusion_matrix
+from train.loop import confusion_matrix, split_for_validation
 from train.parallel import data_mesh, replicate
 from train.pipeline import sequential_batches
+from train.steps import TrainState
 from train.plots import confusion_figure
 
 
@@ -31,9 +35,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epoch", type=int, help="a saved epoch (default: the last one)")
     parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST .gz files "
                                            "(default: the run's)")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="test: the test set; val: the training examples the run held "
+                             "out with --validation (default: test)")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction,
+                        help="the weights' moving average (--ema) or the trained weights "
+                             "(--no-ema) (default: as the run evaluated)")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                        help="average each image's logits with its mirror image's, or not "
+                             "(default: as the run evaluated)")
     parser.add_argument("--out", help="where the confusion matrix picture goes (default: "
                                       "confusion.png in the workdir)")
     return parser.parse_args(argv)
+
+
+def evaluated_as(run: RunConfig, state: TrainState, ema: bool | None, flip: bool | None
+                 ) -> tuple[RunConfig, TrainState]:
+    """The run and state as evaluation should see them: the moving average dropped for
+    `ema=False`, the recipe's test-time flip replaced by `flip`; None keeps the run's.
+    ValueError, in one line, for `ema=True` on a run that kept no moving average."""
+    if ema and state.ema is None:
+        raise ValueError("this run kept no moving average of its weights (ema_decay 0): "
+                         "drop --ema")
+    if ema is False:
+        state = state.replace(ema=None)
+    if flip is not None:
+        run = dataclasses.replace(run, recipe=dataclasses.replace(run.recipe, test_flip=flip))
+    return run, state
+
+
+def split_of(run: RunConfig, splits: dict[str, data.Split], name: str) -> data.Split:
+    """The test split, or ("val") the training examples the run held out. ValueError, in
+    one line, for "val" on a run trained without --validation."""
+    if name == "test":
+        return splits["test"]
+    if not run.train.validation:
+        raise ValueError("this run held out no validation split (trained without "
+                         "--validation): use --split test")
+    return split_for_validation(splits["train"], run.train.validation)[1]
+
+
+def settings(run: RunConfig, state: TrainState) -> str:
+    """How the accuracy was measured, e.g. "trained weights, no flip"."""
+    weights = "trained weights" if state.ema is None else "moving average"
+    return f"{weights}, {'flip-averaged' if run.recipe.test_flip else 'no flip'}"
 
 
 def class_table(confusion: np.ndarray, names) -> list[str]:
@@ -50,18 +95,19 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     try:
         run, state, epoch, history = load_run(workdir, args.epoch)
+        run, state = evaluated_as(run, state, args.ema, args.flip)
         source = dataclasses.replace(run.data, data_dir=args.data_dir or run.data.data_dir)
-        test = data.load(source)["test"]
+        split = split_of(run, data.load(source), args.split)
         mesh = data_mesh()
-        images, labels = replicate((test.images, test.labels), mesh)
-        batches = sequential_batches(len(test), run.train.batch_size, mesh)
+        images, labels = replicate((split.images, split.labels), mesh)
+        batches = sequential_batches(len(split), run.train.batch_size, mesh)
         confusion = confusion_matrix(replicate(state, mesh), images, labels, batches, run, mesh)
     except (CheckpointError, data.DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     accuracy = np.trace(confusion) / confusion.sum()
-    print(f"test acc {accuracy:.4f} after epoch {epoch} of {workdir} (training logged "
-          f"{history[-1]['test_acc']:.4f})")
+    print(f"{args.split} acc {accuracy:.4f} after epoch {epoch} of {workdir} with the "
+          f"{settings(run, state)} (training logged {history[-1][args.split + '_acc']:.4f})")
     names = data.class_names(run.model.num_classes)
     print("\n".join(class_table(confusion, names)))
     out = Path(args.out) if args.out else workdir / "confusion.png"
