@@ -24,8 +24,8 @@ from train.host import configure_host
 from train.loop import confusion_matrix, split_for_validation
 from train.parallel import data_mesh, replicate
 from train.pipeline import sequential_batches
-from train.steps import TrainState
 from train.plots import confusion_figure
+from train.steps import TrainState
 
 
 def parse_args(argv=None) -> argparse.Namespace:
