@@ -1,5 +1,6 @@
 """The kernel seam: every xla_cpu kernel equals its reference kernel in value and derivative
-(float64), whole networks agree across kernel sets, and "auto" picks by backend."""
+(float64), whole networks agree across kernel sets, bf16 trains every layer, and "auto"
+picks by backend."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,38 @@ def test_max_pool_with_ties(shape, window, strides, padding):
     t = rng.normal(size=shape)
     chex.assert_trees_all_close(jax.jvp(pool(xla_cpu.KERNELS), (x,), (t,)),
                                 jax.jvp(pool(reference.KERNELS), (x,), (t,)), rtol=1e-12)
+
+
+@pytest.fixture
+def x32():
+    """Float32 JAX, as training runs, for the bf16 tests."""
+    with jax.enable_x64(False):
+        yield
+
+
+@pytest.mark.usefixtures("x32")
+@pytest.mark.parametrize("kernel_set", [reference.KERNELS, xla_cpu.KERNELS], ids=KERNEL_SETS)
+def test_max_pool_derivative_in_bfloat16_after_float32(kernel_set):
+    """The stem's pool in bf16 reads BatchNorm → ReLU computed in float32 and rounded. XLA,
+    allowed excess precision, may drop that rounding where values are compared: a search for
+    each window's maximum by equality with the pooled output then found almost none, and the
+    stem's gradient vanished. Each output's cotangent must reach its window (ties decide
+    only where), so per channel the input gradient sums to the cotangents of the outputs
+    ReLU passes, times the scale."""
+    x = jax.random.normal(jax.random.key(0), (8, 16, 16, 64), jnp.float32)
+    scale = jnp.linspace(0.5, 1.5, 64, dtype=jnp.float32)
+    dy = jax.random.normal(jax.random.key(1), (8, 8, 8, 64), jnp.bfloat16)
+
+    def f(x):
+        y = jnp.maximum(x * scale, 0).astype(jnp.bfloat16)
+        return kernel_set.max_pool(y, (3, 3), (2, 2), ((1, 1), (1, 1)))
+
+    dx = jax.jit(lambda x: jax.vjp(f, x)[1](dy)[0])(x)
+    y = jax.jit(f)(x)
+    routed = jnp.sum(dx, (0, 1, 2)) / scale
+    expected = jnp.sum(jnp.where(y > 0, dy, 0).astype(jnp.float32), (0, 1, 2))
+    # Windows overlap: up to four cotangents meet at one input, added in bf16.
+    np.testing.assert_allclose(routed, expected, rtol=1e-2, atol=0.25)
 
 
 @pytest.mark.parametrize("channels", [(6,), (2, 4), (1, 3, 2)])
@@ -179,3 +212,35 @@ def test_forward_mode_of_a_training_step_with_reference_kernels():
     expected = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads),
                                                    jax.tree.leaves(direction)))
     np.testing.assert_allclose(slope, expected, rtol=1e-9)
+
+
+@pytest.mark.usefixtures("x32")
+@pytest.mark.parametrize("kernels", KERNEL_SETS)
+def test_bfloat16_trains_every_layer(kernels):
+    """bf16 compute, at the same float32 parameters as float32 compute: every parameter's
+    gradient points the way float32's does. Convolution biases are left out: each feeds
+    only BatchNorms, which remove it, so their exact gradient is 0 and both are noise."""
+    x = jax.random.uniform(jax.random.key(1), (16, 32, 32, 1), jnp.float32)
+    labels = jnp.arange(16) % 10
+    cfg32 = densenet_jax.preset("d2l", kernels=kernels)
+    variables = densenet_jax.DenseNet(cfg32).init(jax.random.key(0), x, train=False)
+    # BatchNorm parameters away from their initial values: with bias 0, ReLU → pool →
+    # BatchNorm makes the loss blind to the stem's BatchNorm scale (another exact 0).
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(variables["params"])
+    params = treedef.unflatten([
+        p + 0.5 * jax.random.normal(jax.random.key(i), p.shape, p.dtype)
+        if "norm" in path[-2].key else p for i, (path, p) in enumerate(leaves)])
+    grads = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = densenet_jax.preset("d2l", kernels=kernels, dtype=dtype)
+        loss_fn = training_loss(cfg, {**variables, "params": params}, x, labels)
+        grads[dtype] = jax.jit(jax.grad(lambda p: loss_fn(p)[0]))(params)
+    for (path, g32), g16 in zip(jax.tree_util.tree_flatten_with_path(grads["float32"])[0],
+                                jax.tree.leaves(grads["bfloat16"])):
+        name = jax.tree_util.keystr(path)
+        if path[-2].key in ("conv", "stem_conv") and path[-1].key == "bias":
+            continue
+        a, b = (np.asarray(g, np.float64).ravel() for g in (g32, g16))
+        cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+        # bf16's rounding leaves cosines of 0.92 and up; a layer cut off gives about 0.
+        assert cosine > 0.8, f"{name}: cosine {cosine:.3f} between bf16 and float32 gradients"
