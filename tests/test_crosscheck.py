@@ -6,7 +6,12 @@ running statistics 1e-5, gradients and parameters after one SGD step 1e-4; float
 Float32 gradients are compared where both frameworks' float32 results are well within
 1e-4 of the float64 truth. Elsewhere (deep DenseNet-BC, some batches) PyTorch's own float32
 gradients stray from the float64 ones by up to 4e-2 while ours stay within 1e-4, or a
-max-pool near-tie flips in both: there the float64 checks prove the two equal.
+max-pool near-tie flips in both: there the float64 checks prove the two equal. A ReLU input
+within float32 rounding of zero does the same: one framework's rounding keeps the element
+and the other's drops it, moving a gradient by that element's cotangent. The CIFAR-stem row
+at seed 0 has one (a BatchNorm output of 5.2e-7 in float64 and PyTorch's float32, −1.8e-7 in
+our reference kernels' float32, at 4×4; 3 % of that BatchNorm's bias gradient), so it runs
+at seed 1, where both kernel sets agree with PyTorch to 3e-6 (as at seeds 2 and 3).
 """
 import subprocess
 import sys
@@ -32,31 +37,33 @@ def assert_within_tolerance(errors, config):
 
 
 @pytest.mark.parametrize("kernel_set", KERNEL_SETS)
-@pytest.mark.parametrize("preset, overrides, size, batch", [
-    ("d2l", dict(global_pool="max"), 32, 16),
-    ("d2l", dict(global_pool="avg"), 96, 4),  # d2l's own resolution; 3×3 before the pool
-    ("densenet121", dict(block_config=(6, 12)), 32, 8),  # DenseNet-121's first two blocks
-    ("densenet_bc_100", dict(block_config=(4, 4, 4)), 16, 8),  # the CIFAR stem, shortened
-    ("d2l", dict(stem="cifar"), 16, 8),  # the CIFAR stem in d2l's Sequential layout
+@pytest.mark.parametrize("preset, overrides, size, batch, seed", [
+    ("d2l", dict(global_pool="max"), 32, 16, 0),
+    ("d2l", dict(global_pool="avg"), 96, 4, 0),  # d2l's own resolution; 3×3 before the pool
+    ("densenet121", dict(block_config=(6, 12)), 32, 8, 0),  # DenseNet-121's first two blocks
+    ("densenet_bc_100", dict(block_config=(4, 4, 4)), 16, 8, 0),  # the CIFAR stem, shortened
+    # The CIFAR stem in d2l's Sequential layout; seed 0 puts a ReLU input on the kink.
+    ("d2l", dict(stem="cifar"), 16, 8, 1),
 ])
-def test_float32_matches_pytorch(preset, overrides, size, batch, kernel_set):
+def test_float32_matches_pytorch(preset, overrides, size, batch, seed, kernel_set):
     config = densenet_jax.preset(preset, kernels=kernel_set, **overrides)
-    errors = crosscheck(config, size=size, batch=batch, seed=0)
+    errors = crosscheck(config, size=size, batch=batch, seed=seed)
     assert ("conv-bias gradients (zero)" in errors) == config.conv_bias
     assert_within_tolerance(errors, config)
 
 
 @pytest.mark.parametrize("kernel_set", KERNEL_SETS)
-@pytest.mark.parametrize("preset, overrides", [
-    ("d2l", dict(global_pool="max")),
-    ("d2l", dict(global_pool="avg")),
-    ("densenet121", dict(block_config=(6, 12), global_pool="max")),
-    ("densenet_bc_100", dict(block_config=(4, 4, 4))),
+@pytest.mark.parametrize("preset, overrides, size, seed", [
+    ("d2l", dict(global_pool="max"), 64, 1),
+    ("d2l", dict(global_pool="avg"), 64, 1),
+    ("densenet121", dict(block_config=(6, 12), global_pool="max"), 64, 1),
+    ("densenet_bc_100", dict(block_config=(4, 4, 4)), 64, 1),
+    ("d2l", dict(stem="cifar"), 16, 0),  # the batch whose float32 ReLU input is on the kink
 ])
-def test_float64_equals_pytorch(preset, overrides, kernel_set):
+def test_float64_equals_pytorch(preset, overrides, size, seed, kernel_set):
     with jax.enable_x64(True):
         config = densenet_jax.preset(preset, dtype="float64", kernels=kernel_set, **overrides)
-        assert_within_tolerance(crosscheck(config, size=64, batch=8, seed=1), config)
+        assert_within_tolerance(crosscheck(config, size=size, batch=8, seed=seed), config)
 
 
 def run_crosscheck(*args):
