@@ -11,7 +11,8 @@ With `--x64` both frameworks compute in float64 and every check must agree to 1e
 proves the implementations equal where float32 rounding cannot, for instance in the
 gradients of a full-depth DenseNet-121 at a small input size, which are ill-conditioned
 enough that both frameworks' float32 results stray from the float64 ones by up to ~16 %
-in the worst layer.
+in the worst layer, or where a ReLU input lies within float32 rounding of zero, so that one
+framework's rounding keeps that element's gradient and the other's drops it.
 
 Relative error of two trees: the largest, over leaves, of max|ours − torch| / max|torch|.
 Every convolution here feeds a training-mode BatchNorm, so the gradient of every
