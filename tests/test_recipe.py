@@ -12,8 +12,8 @@ import densenet_jax
 from train import main as cli
 from train.config import RECIPES, RecipeConfig
 from train.pipeline import augment, random_crop_and_flip, random_erasing
-from train.steps import (create_train_state, infer, make_optimizer, moving_average, train_step,
-                         zero_metrics)
+from train.steps import (create_train_state, infer, learning_rate_schedule, make_optimizer,
+                         moving_average, train_step, zero_metrics)
 from train.parallel import data_mesh, replicate
 
 
@@ -69,6 +69,22 @@ def test_moving_average_warms_up_then_keeps_its_decay():
     # late: the configured decay
     np.testing.assert_allclose(moving_average(average, now, jnp.int32(10**6), 0.999)["w"],
                                0.001, rtol=1e-4)
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_zero():
+    schedule = learning_rate_schedule(RECIPES["strong"], steps_per_epoch=10, epochs=3)
+    rates = np.array([schedule(step) for step in range(31)])
+    np.testing.assert_allclose(rates[[0, 5, 10]], [0.0, 0.05, 0.1], atol=1e-7)
+    assert np.all(np.diff(rates[10:]) < 0) and rates[30] == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("steps_per_epoch", [1, 4])
+def test_a_run_no_longer_than_its_warm_up_still_has_a_schedule(steps_per_epoch):
+    # one epoch of the strong recipe: the warm-up ends a step early, so the cosine has one
+    schedule = learning_rate_schedule(RECIPES["strong"], steps_per_epoch, epochs=1)
+    rates = np.array([schedule(step) for step in range(steps_per_epoch + 1)])
+    assert np.all(np.isfinite(rates)) and rates[steps_per_epoch] == pytest.approx(0.0, abs=1e-7)
+    assert rates.max() == pytest.approx(0.1) and rates[steps_per_epoch - 1] == rates.max()
 
 
 def tiny_model():

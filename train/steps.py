@@ -38,12 +38,15 @@ class TrainState(train_state.TrainState):
 
 
 def learning_rate_schedule(recipe: RecipeConfig, steps_per_epoch: int, epochs: int):
+    """The learning rate, constant or per step. A warm-up as long as the run or longer (the
+    strong recipe's one epoch in a one-epoch run) ends one step before it, so that the cosine
+    keeps a step to decay over."""
     if recipe.schedule == "constant":
         return recipe.learning_rate
     # "cosine", the only other one RecipeConfig admits (config.SCHEDULES)
-    return optax.warmup_cosine_decay_schedule(
-        0.0, recipe.learning_rate, int(recipe.warmup_epochs * steps_per_epoch),
-        max(epochs * steps_per_epoch, 1))
+    total = max(epochs * steps_per_epoch, 1)
+    warmup = min(int(recipe.warmup_epochs * steps_per_epoch), total - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, recipe.learning_rate, warmup, total)
 
 
 def make_optimizer(recipe: RecipeConfig, steps_per_epoch: int, epochs: int):
