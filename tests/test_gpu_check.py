@@ -36,6 +36,26 @@ def test_smoke_mode_runs_every_step(data_dir, tmp_path):
     assert len(logs) == 9 and "recipe_fp32.log" in logs
 
 
+@pytest.mark.slow
+def test_accuracy_smoke_mode_trains_both_networks_on_a_validation_split(data_dir, tmp_path):
+    result = run("--accuracy", "--smoke", data_dir, out=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    block = result.stdout
+    assert block.startswith("### Smoke test (accuracy): cpu")
+    assert ("--recipe strong --recipe-fields ema_decay=0.999 test_flip=true --validation 5000"
+            in block)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in block.splitlines()
+            if line.startswith(("| d2l |", "| densenet_bc_100 |"))}
+    assert sorted(rows) == ["d2l", "densenet_bc_100"]
+    # every epoch finished, and each reports validation and test accuracy
+    assert rows["d2l"][2] == "2" and rows["densenet_bc_100"][2] == "1"
+    for cells in rows.values():
+        assert 0.0 <= float(cells[5]) <= 1.0 and 0.0 <= float(cells[6]) <= 1.0
+    assert rows["d2l"][9].count(" / ") == 2
+    logs = sorted(p.name for p in (tmp_path / "gpu_check_logs").iterdir())
+    assert logs == ["accuracy_d2l.log", "accuracy_densenet_bc_100.log", "environment.log"]
+
+
 def test_missing_data_is_one_line(tmp_path):
     result = run("--smoke", tmp_path)
     assert result.returncode == 2
