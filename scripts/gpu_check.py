@@ -246,8 +246,9 @@ def accuracy_rows(run, data_dir: Path, work: Path, sizes: Sizes) -> list[str]:
             continue
         last = records[-1]
         # A run stopped by its time limit keeps the epochs it finished (checkpointed each epoch).
+        stopped = "stopped by its time limit" if step.returncode is None else failure(step)
         epochs = (f"{len(records)}" if step.returncode == 0 else
-                  f"{len(records)} of {spec.epochs} ({failure(step)})")
+                  f"{len(records)} of {spec.epochs} ({stopped})")
         per_epoch = ", ".join(f"{r['val_acc']:.3f} / {r['test_acc']:.3f}" for r in records)
         rows.append(f"| {spec.name} | {flags} | {epochs} | {last['loss']:.3f} | "
                     f"{last['train_acc']:.3f} | {last['val_acc']:.3f} | {last['test_acc']:.3f} | "

@@ -1,5 +1,7 @@
 """scripts/gpu_check.sh: its smoke mode runs every step end to end on the CPU and prints the
 block for docs/RESULTS.md; bad input gets one line."""
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -54,6 +56,37 @@ def test_accuracy_smoke_mode_trains_both_networks_on_a_validation_split(data_dir
     assert rows["d2l"][9].count(" / ") == 2
     logs = sorted(p.name for p in (tmp_path / "gpu_check_logs").iterdir())
     assert logs == ["accuracy_d2l.log", "accuracy_densenet_bc_100.log", "environment.log"]
+
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    """scripts/gpu_check.py as a module (dataclasses look their module up in sys.modules)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT.with_suffix(".py"))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_accuracy_run_stopped_by_its_limit_reports_the_epochs_it_finished(gpu_check,
+                                                                             tmp_path):
+    record = {"loss": 0.7, "train_acc": 0.9, "val_acc": 0.91, "test_acc": 0.905,
+              "examples_per_sec": 12345.6}
+
+    def run(name, args, timeout):  # d2l's run finishes 2 epochs of 30, then is stopped
+        workdir = Path(args[args.index("--workdir") + 1])
+        workdir.mkdir()
+        if name == "accuracy_d2l":
+            (workdir / "metrics.jsonl").write_text(2 * (json.dumps(record) + "\n"))
+            return gpu_check.Step(name, None, 270.0, "epoch 2/30: ...\ntimed out")
+        return gpu_check.Step(name, 1, 3.0, "error: out of memory")
+
+    rows = gpu_check.accuracy_rows(run, tmp_path / "data", tmp_path, gpu_check.FULL)
+    assert rows[2] == ("| d2l | `--resize 96` | 2 of 30 (stopped by its time limit) | 0.700 | "
+                       "0.900 | 0.910 | 0.905 | 12,346 | 270 s | 0.910 / 0.905, 0.910 / 0.905 |")
+    assert rows[3].startswith("| densenet_bc_100 | `--preset densenet_bc_100 --resize 32` | "
+                              "failed: error: out of memory |")
+    assert all(row.count("|") == 11 for row in rows)
 
 
 def test_missing_data_is_one_line(tmp_path):
