@@ -152,6 +152,18 @@ def failure(step: Step) -> str:
     return f"{'timed out' if step.returncode is None else 'failed'}: {lines[-1] if lines else ''}"
 
 
+def epoch_records(workdir: Path) -> list[dict]:
+    """The per-epoch records a train.main run wrote to its workdir (none if it wrote none)."""
+    metrics = workdir / "metrics.jsonl"
+    return ([json.loads(line) for line in metrics.read_text().splitlines()]
+            if metrics.is_file() else [])
+
+
+def no_records(step: Step) -> str:
+    """Why a train.main step left no epoch to report."""
+    return failure(step) if step.returncode != 0 else "failed: wrote no metrics.jsonl"
+
+
 def recipe_rows(run, data_dir: Path, work: Path, sizes: Sizes) -> list[str]:
     """d2l's recipe (10 epochs, batch 256, lr 0.1, 96×96 unless smoke) in fp32 and bf16."""
     rows = ["| precision | loss | train acc | test acc | examples/sec | wall time | "
@@ -161,12 +173,10 @@ def recipe_rows(run, data_dir: Path, work: Path, sizes: Sizes) -> list[str]:
         step = run(f"recipe_{precision}", ["-m", "train.main", "--data-dir", str(data_dir),
                                            "--workdir", str(workdir), "--precision", precision,
                                            *sizes.train], timeout=600)
-        metrics = workdir / "metrics.jsonl"
-        if step.returncode != 0 or not metrics.is_file():
-            why = failure(step) if step.returncode != 0 else "failed: wrote no metrics.jsonl"
-            rows.append(f"| {precision} | {why} | | | | | |")
+        records = epoch_records(workdir)
+        if step.returncode != 0 or not records:
+            rows.append(f"| {precision} | {no_records(step)} | | | | | |")
             continue
-        records = [json.loads(line) for line in metrics.read_text().splitlines()]
         last = records[-1]
         rate = step.output.strip().splitlines()[-1].split(" examples/sec")[0]
         per_epoch = ", ".join(f"{record['test_acc']:.3f}" for record in records)
@@ -236,13 +246,10 @@ def accuracy_rows(run, data_dir: Path, work: Path, sizes: Sizes) -> list[str]:
                    ["-m", "train.main", "--data-dir", str(data_dir), "--workdir", str(workdir),
                     *ACCURACY_RECIPE, "--epochs", str(spec.epochs), *spec.flags],
                    timeout=spec.timeout)
-        metrics = workdir / "metrics.jsonl"
-        records = ([json.loads(line) for line in metrics.read_text().splitlines()]
-                   if metrics.is_file() else [])
+        records = epoch_records(workdir)
         flags = f"`{' '.join(spec.flags)}`"
         if not records:
-            why = failure(step) if step.returncode != 0 else "failed: wrote no metrics.jsonl"
-            rows.append(f"| {spec.name} | {flags} | {why} |" + " |" * 7)
+            rows.append(f"| {spec.name} | {flags} | {no_records(step)} |" + " |" * 7)
             continue
         last = records[-1]
         # A run stopped by its time limit keeps the epochs it finished (checkpointed each epoch).

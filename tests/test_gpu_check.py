@@ -73,7 +73,7 @@ def test_an_accuracy_run_stopped_by_its_limit_reports_the_epochs_it_finished(gpu
     record = {"loss": 0.7, "train_acc": 0.9, "val_acc": 0.91, "test_acc": 0.905,
               "examples_per_sec": 12345.6}
 
-    def run(name, args, timeout):  # d2l's run finishes 2 epochs of 30, then is stopped
+    def fake_run(name, args, timeout):  # d2l's run finishes 2 epochs of 30, then stops
         workdir = Path(args[args.index("--workdir") + 1])
         workdir.mkdir()
         if name == "accuracy_d2l":
@@ -81,7 +81,7 @@ def test_an_accuracy_run_stopped_by_its_limit_reports_the_epochs_it_finished(gpu
             return gpu_check.Step(name, None, 270.0, "epoch 2/30: ...\ntimed out")
         return gpu_check.Step(name, 1, 3.0, "error: out of memory")
 
-    rows = gpu_check.accuracy_rows(run, tmp_path / "data", tmp_path, gpu_check.FULL)
+    rows = gpu_check.accuracy_rows(fake_run, tmp_path / "data", tmp_path, gpu_check.FULL)
     assert rows[2] == ("| d2l | `--resize 96` | 2 of 30 (stopped by its time limit) | 0.700 | "
                        "0.900 | 0.910 | 0.905 | 12,346 | 270 s | 0.910 / 0.905, 0.910 / 0.905 |")
     assert rows[3].startswith("| densenet_bc_100 | `--preset densenet_bc_100 --resize 32` | "
