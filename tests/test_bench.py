@@ -1,4 +1,5 @@
 """The benchmark runs (quick mode) and ends with its JSON line; timings are not asserted."""
+import functools
 import json
 
 import pytest
@@ -10,7 +11,12 @@ QUICK = ["--batch", "8", "--resize", "32", "--steps", "1", "--repeats", "2", "--
 
 
 @pytest.mark.slow
-def test_quick_benchmark_prints_every_setting_and_its_json_line(capsys):
+def test_quick_benchmark_prints_every_setting_and_its_json_line(capsys, monkeypatch):
+    import torch
+
+    # torch.compile as the benchmark calls it, with TorchDynamo's capture but without
+    # inductor's code generation (most of a minute on 2 cores, and PyTorch's to test).
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     assert bench.main(QUICK) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
@@ -26,21 +32,31 @@ def test_quick_benchmark_prints_every_setting_and_its_json_line(capsys):
              "channels_last": result["torch_channels_last_examples_per_sec"],
              "compile": result["torch_compile_examples_per_sec"]}
     assert result["jax_examples_per_sec"] > 0 and all(rate > 0 for rate in rates.values())
-    assert result["best_torch"] == max(rates, key=rates.get)
-    assert result["ratio"] == pytest.approx(result["jax_examples_per_sec"] / rates["eager"])
-    assert result["ratio_best"] == pytest.approx(result["jax_examples_per_sec"]
-                                                 / max(rates.values()))
+    assert result["best_torch"] in rates and result["ratio_best"] <= result["ratio"]
     assert result["peak_bytes"] > 0 and result["compile_seconds"] > 0
     assert result["torch_compile_seconds"] > 0
     # d2l's step at 32×32: about 62 MFLOP per example (forward and backward).
     assert 40e6 < result["flops_per_example"] < 90e6
     assert set(result["peak_fraction"]) == {"jax", *rates}
-    assert result["peak_fraction"]["jax"] == pytest.approx(
-        result["jax_examples_per_sec"] * result["flops_per_example"] / result["matmul_peak_flops"])
+    assert 0 < result["peak_fraction"]["jax"] < 1
     table = "\n".join(lines)
     for name in ("ours (jax)", "torch eager NCHW", "torch eager channels-last", "torch.compile",
                  "ratio_best ours/", "matrix-product peak"):
         assert name in table
+
+
+def test_ratios_of_the_medians():
+    median = {"jax": 100.0, "eager": 50.0, "channels_last": 80.0, "compile": 20.0}
+    result = bench.ratios(median, flops_per_example=2e6, peak_flops=1e9)
+    assert (result["ratio"], result["best_torch"], result["ratio_best"]) == (2.0, "channels_last",
+                                                                              1.25)
+    assert result["torch_channels_last_examples_per_sec"] == 80.0
+    assert result["peak_fraction"] == {"jax": 0.2, "eager": 0.1, "channels_last": 0.16,
+                                       "compile": 0.04}
+    alone = bench.ratios({"jax": 100.0}, flops_per_example=2e6, peak_flops=1e9)
+    assert (alone["ratio"], alone["best_torch"], alone["ratio_best"]) == (None, None, None)
+    compiled_only = bench.ratios({"jax": 30.0, "compile": 60.0}, 1.0, 1.0)
+    assert (compiled_only["ratio"], compiled_only["ratio_best"]) == (None, 0.5)
 
 
 @pytest.mark.slow
@@ -71,10 +87,14 @@ def test_no_torch_times_ours_alone(capsys):
 
 @pytest.mark.slow
 def test_benchmark_with_reference_kernels_remat_and_bf16(capsys):
-    assert bench.main(["--preset", "densenet121", "--batch", "4", "--resize", "32", "--steps",
-                       "1", "--repeats", "1", "--kernels", "reference", "--remat",
-                       "--precision", "bf16", "--torch", "eager", "--peak-size", "256"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert bench.main(["--preset", "densenet121", "--model", "block_config=2,2", "--batch",
+                       "4", "--resize", "32", "--steps", "1", "--repeats", "1", "--kernels",
+                       "reference", "--remat", "--precision", "bf16", "--torch", "eager",
+                       "--peak-size", "256"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("densenet121 block_config=2,2, batch 4, resize 32, bf16, "
+                               "reference kernels, remat, ")
+    result = json.loads(lines[-1])
     assert (result["kernels"], result["remat"], result["precision"]) == ("reference", True, "bf16")
     assert result["jax_examples_per_sec"] > 0 and result["torch_examples_per_sec"] > 0
 

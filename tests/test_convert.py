@@ -1,13 +1,13 @@
 """from_torch / to_torch: layouts, round trips and the errors that name a key."""
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import densenet_jax
 from densenet_jax.torch_reference import TorchvisionDenseNet, d2l_densenet, reference_model
+from train.steps import initial_variables
 
 SMALL_BC = dict(block_config=(2, 3), growth_rate=8)
 
@@ -39,8 +39,7 @@ def test_torchvision_keys():
 @pytest.mark.parametrize("config", [densenet_jax.preset("d2l"),
                                     densenet_jax.preset("densenet121", **SMALL_BC)])
 def test_round_trip_through_pytorch(config):
-    model = densenet_jax.DenseNet(config)
-    variables = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 1)), train=False)
+    variables = initial_variables(config, jax.random.key(0), 32)
     state = densenet_jax.to_torch(variables, config)
     torch_model = reference_model(config)
     torch_model.load_state_dict(state)  # strict: every key present, none extra
@@ -116,8 +115,7 @@ def test_from_torch_bad_containers_are_one_line(change, error, message):
 
 def test_to_torch_checks_its_variables():
     config = densenet_jax.preset("d2l")
-    variables = densenet_jax.DenseNet(config).init(jax.random.key(0), jnp.ones((1, 32, 32, 1)),
-                                                   train=False)
+    variables = initial_variables(config, jax.random.key(0), 32)
     with pytest.raises(ValueError, match=r"to_torch: the variables need 'params' and "
                                          r"'batch_stats'.*got \['params'\]"):
         densenet_jax.to_torch({"params": variables["params"]}, config)

@@ -12,6 +12,11 @@ and the other's drops it, moving a gradient by that element's cotangent. The CIF
 at seed 0 has one (a BatchNorm output of 5.2e-7 in float64 and PyTorch's float32, −1.8e-7 in
 our reference kernels' float32, at 4×4; 3 % of that BatchNorm's bias gradient), so it runs
 at seed 1, where both kernel sets agree with PyTorch to 3e-6 (as at seeds 2 and 3).
+Where such an element lies depends on the CPU and on how XLA:CPU fuses: on an Intel Xeon
+(AMX, AVX-512 BF16) with the YNNPACK fusions the tests compile with, seed 0 put one in d2l's
+96×96 avg-pool row and in the DenseNet-121 row (reference kernels: one leaf off by 4.8e-3 and
+8.1e-3 from float64, PyTorch's by 8e-7) and seeds 1 and 3 one each for the xla_cpu kernels;
+those two rows run at seed 2, where both kernel sets agree with PyTorch within 7.3e-5.
 """
 import subprocess
 import sys
@@ -23,6 +28,7 @@ import torch
 
 import densenet_jax
 from densenet_jax.crosscheck import crosscheck, tolerances
+from densenet_jax.crosscheck import main as crosscheck_main
 from densenet_jax.kernels import get_kernels
 
 KERNEL_SETS = ["reference", "xla_cpu"]
@@ -36,11 +42,12 @@ def assert_within_tolerance(errors, config):
     assert not failed, failed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel_set", KERNEL_SETS)
 @pytest.mark.parametrize("preset, overrides, size, batch, seed", [
     ("d2l", dict(global_pool="max"), 32, 16, 0),
-    ("d2l", dict(global_pool="avg"), 96, 4, 0),  # d2l's own resolution; 3×3 before the pool
-    ("densenet121", dict(block_config=(6, 12)), 32, 8, 0),  # DenseNet-121's first two blocks
+    ("d2l", dict(global_pool="avg"), 96, 4, 2),  # d2l's own resolution; 3×3 before the pool
+    ("densenet121", dict(block_config=(6, 12)), 32, 8, 2),  # DenseNet-121's first two blocks
     ("densenet_bc_100", dict(block_config=(4, 4, 4)), 16, 8, 0),  # the CIFAR stem, shortened
     # The CIFAR stem in d2l's Sequential layout; seed 0 puts a ReLU input on the kink.
     ("d2l", dict(stem="cifar"), 16, 8, 1),
@@ -52,6 +59,7 @@ def test_float32_matches_pytorch(preset, overrides, size, batch, seed, kernel_se
     assert_within_tolerance(errors, config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel_set", KERNEL_SETS)
 @pytest.mark.parametrize("preset, overrides, size, seed", [
     ("d2l", dict(global_pool="max"), 64, 1),
@@ -80,7 +88,7 @@ def test_crosscheck_command_full_densenet121_in_float64():
 
 
 @pytest.mark.slow
-def test_crosscheck_command_with_a_saved_state_dict(tmp_path):
+def test_crosscheck_command_with_a_saved_state_dict(tmp_path, capsys):
     import torch
 
     from densenet_jax.crosscheck import randomize_
@@ -91,15 +99,16 @@ def test_crosscheck_command_with_a_saved_state_dict(tmp_path):
     path = tmp_path / "model.pt"
     # as after some training: BatchNorm biases away from zero (see crosscheck's docstring)
     torch.save(randomize_(xavier_init_(reference_model(config)), 3).state_dict(), path)
-    result = run_crosscheck("--global-pool", "avg", "--torch-state", str(path), "--size", "32")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" yes") == 6
+    code = crosscheck_main(["--global-pool", "avg", "--torch-state", str(path), "--size", "32"])
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    assert out.out.count(" yes") == 6
 
     # the same file checked against the wrong architecture names the offending key
-    result = run_crosscheck("--preset", "densenet121", "--torch-state", str(path), "--size", "32")
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and "'0.0.weight'" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert crosscheck_main(["--preset", "densenet121", "--torch-state", str(path), "--size",
+                            "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'0.0.weight'" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("args, message", [
@@ -107,10 +116,10 @@ def test_crosscheck_command_with_a_saved_state_dict(tmp_path):
     (["--batch", "1"], "--batch must be at least 2"),
     (["--torch-state", "/nonexistent/model.pt"], "No such file"),
 ])
-def test_crosscheck_command_bad_input(args, message):
-    result = run_crosscheck(*args)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+def test_crosscheck_command_bad_input(args, message, capsys):
+    assert crosscheck_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("kernel_set", KERNEL_SETS)

@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import optax
 import pytest
 
 from train import evaluate
@@ -35,6 +34,14 @@ def test_evaluation_repeats_the_logged_accuracy(trained, tmp_path, capsys, epoch
 
 
 @pytest.mark.slow
+def test_a_second_evaluation_compiles_nothing(trained, tmp_path, compilations):
+    assert evaluate.main(["--workdir", str(trained), "--out", str(tmp_path / "first.png")]) == 0
+    compiled = len(compilations())
+    assert evaluate.main(["--workdir", str(trained), "--out", str(tmp_path / "again.png")]) == 0
+    assert compilations()[compiled:] == []
+
+
+@pytest.mark.slow
 def test_the_validation_split_repeats_the_logged_val_acc(trained, tmp_path, capsys):
     assert evaluate.main(["--workdir", str(trained), "--split", "val",
                           "--out", str(tmp_path / "c.png")]) == 0
@@ -46,8 +53,8 @@ def test_the_validation_split_repeats_the_logged_val_acc(trained, tmp_path, caps
 
 def a_state(ema: bool) -> TrainState:
     params = {"w": np.ones(2, np.float32)}
-    return TrainState.create(apply_fn=None, params=params, tx=optax.sgd(0.1),
-                             batch_stats={}, ema={"params": params} if ema else None)
+    return TrainState(step=np.int32(0), params=params, batch_stats={}, opt_state=(),
+                      ema={"params": params} if ema else None)
 
 
 def test_evaluation_overrides_the_runs_moving_average_and_flip():

@@ -36,7 +36,7 @@ np.save(sys.argv[3], np.concatenate([serve(images=tf.constant(images[:5]))["logi
 
 def evaluation_logits(workdir, images: np.ndarray) -> np.ndarray:
     run, state, _, _ = load_run(workdir)
-    f = jax.jit(functools.partial(infer, apply_fn=state.apply_fn, resize=run.train.resize))
+    f = jax.jit(functools.partial(infer, model=run.model, resize=run.train.resize))
     return np.asarray(f(state.variables, images))
 
 

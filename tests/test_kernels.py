@@ -1,6 +1,8 @@
 """The kernel seam: every xla_cpu kernel equals its reference kernel in value and derivative
 (float64), whole networks agree across kernel sets, bf16 trains every layer, and "auto"
 picks by backend."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import pytest
 
 import densenet_jax
 from densenet_jax.kernels import get_kernels, reference, xla_cpu
+from train.steps import initial_variables
 
 KERNEL_SETS = ["reference", "xla_cpu"]
 
@@ -173,6 +176,7 @@ def training_loss(cfg, variables, x, labels):
     return loss_fn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset, overrides", [
     ("d2l", {}),
     ("densenet121", dict(block_config=(3, 3), growth_rate=8)),
@@ -184,15 +188,15 @@ def test_networks_agree_across_kernel_sets(preset, overrides):
                for name in KERNEL_SETS}
     x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 1), dtype=jnp.float64)
     labels = jnp.arange(4)
-    inits = {name: densenet_jax.DenseNet(cfg).init(jax.random.key(0), x, train=False)
-             for name, cfg in configs.items()}
+    inits = {name: initial_variables(cfg, jax.random.key(0), 32) for name, cfg in configs.items()}
     chex.assert_trees_all_equal(inits["reference"], inits["xla_cpu"])
     variables = inits["reference"]
     results = {}
     for name, cfg in configs.items():
         loss_fn = training_loss(cfg, variables, x, labels)
+        evaluate = jax.jit(functools.partial(densenet_jax.DenseNet(cfg).apply, train=False))
         results[name] = (jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"]),
-                         densenet_jax.DenseNet(cfg).apply(variables, x, train=False))
+                         evaluate(variables, x))
     # Gradients that are zero in exact arithmetic (conv biases before BatchNorm) are
     # rounding noise: the absolute term covers them.
     chex.assert_trees_all_close(results["xla_cpu"], results["reference"], rtol=1e-9, atol=1e-12)
@@ -200,20 +204,22 @@ def test_networks_agree_across_kernel_sets(preset, overrides):
 
 def test_forward_mode_of_a_training_step_with_reference_kernels():
     """jax.jvp of the training-mode loss: the directional derivative equals the gradient's
-    inner product with the direction."""
-    cfg = densenet_jax.preset("d2l", dtype="float64", kernels="reference")
+    inner product with the direction (d2l's layers, two per block: each kind of layer)."""
+    cfg = densenet_jax.preset("d2l", block_config=(2, 2), growth_rate=8, dtype="float64",
+                              kernels="reference")
     x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 1), dtype=jnp.float64)
-    variables = densenet_jax.DenseNet(cfg).init(jax.random.key(0), x, train=False)
+    variables = initial_variables(cfg, jax.random.key(0), 32)
     loss_fn = training_loss(cfg, variables, x, jnp.arange(4))
     direction = jax.tree.map(lambda p: jnp.full_like(p, 1e-2), variables["params"])
-    (_, slope), (_, grads) = (jax.jvp(lambda p: loss_fn(p)[0], (variables["params"],),
-                                      (direction,)),
-                              jax.value_and_grad(lambda p: loss_fn(p)[0])(variables["params"]))
+    slope = jax.jit(lambda p, d: jax.jvp(lambda p: loss_fn(p)[0], (p,), (d,))[1])(
+        variables["params"], direction)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(p)[0]))(variables["params"])
     expected = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads),
                                                    jax.tree.leaves(direction)))
     np.testing.assert_allclose(slope, expected, rtol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("x32")
 @pytest.mark.parametrize("kernels", KERNEL_SETS)
 def test_bfloat16_trains_every_layer(kernels):
@@ -223,7 +229,7 @@ def test_bfloat16_trains_every_layer(kernels):
     x = jax.random.uniform(jax.random.key(1), (16, 32, 32, 1), jnp.float32)
     labels = jnp.arange(16) % 10
     cfg32 = densenet_jax.preset("d2l", kernels=kernels)
-    variables = densenet_jax.DenseNet(cfg32).init(jax.random.key(0), x, train=False)
+    variables = initial_variables(cfg32, jax.random.key(0), 32)
     # BatchNorm parameters away from their initial values: with bias 0, ReLU → pool →
     # BatchNorm makes the loss blind to the stem's BatchNorm scale (another exact 0).
     leaves, treedef = jax.tree_util.tree_flatten_with_path(variables["params"])

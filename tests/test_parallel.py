@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TINY
 from train.parallel import initialize_distributed
 
 pytestmark = pytest.mark.slow  # subprocesses, one per run
@@ -105,7 +106,8 @@ def test_two_processes_train_alike(one_device, tmp_path):
 def test_two_process_cli_run(data_dir, tmp_path):
     port = free_port()
     args = ["-m", "train.main", "--data-dir", str(data_dir), "--workdir", str(tmp_path),
-            "--resize", "32", "--limit-train", "512", "--batch-size", "128", "--epochs", "1"]
+            "--resize", "32", "--limit-train", "512", "--batch-size", "128", "--epochs", "1",
+            *TINY]
     lead, other = finish([start(args, distributed_env(1, port, i)) for i in (0, 1)])
     assert lead.strip().splitlines()[-1].endswith("examples/sec on 2 × cpu (cpu), 2 processes")
     assert "epoch" not in other and "examples/sec" not in other  # process 0 alone reports
@@ -185,7 +187,8 @@ def test_a_peer_killed_mid_run_ends_both_in_one_line_each(data_dir, tmp_path):
     process 1's watcher says what stopped it. Exit 1 both, checkpoints kept."""
     port = free_port()
     args = ["-m", "train.main", "--data-dir", str(data_dir), "--workdir", str(tmp_path / "run"),
-            "--resize", "32", "--limit-train", "512", "--batch-size", "128", "--epochs", "50"]
+            "--resize", "32", "--limit-train", "512", "--batch-size", "128", "--epochs", "50",
+            *TINY]
     lead, peer = [start(args, {**distributed_env(1, port, i), "PYTHONUNBUFFERED": "1"})
                   for i in (0, 1)]
     for line in lead.stdout:

@@ -45,7 +45,7 @@ def test_a_bad_file_is_one_line(tmp_path, name, content, message):
 
 def expected_line(trained, name: str, image: np.ndarray, k: int = 3) -> str:
     run, state, _, _ = load_run(trained)
-    logits = jax.jit(functools.partial(infer, apply_fn=state.apply_fn, resize=run.train.resize))(
+    logits = jax.jit(functools.partial(infer, model=run.model, resize=run.train.resize))(
         state.variables, image[None])
     return f"{name}: {predict.top_k(np.asarray(jax.nn.softmax(logits[0])), CLASS_NAMES, k)}"
 

@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 import densenet_jax
 from densenet_jax.torch_reference import reference_model
+from train.steps import initial_variables
 
 SMALL_BC = dict(block_config=(2, 3), growth_rate=8)
 
@@ -117,8 +118,7 @@ def test_presets_have_torchvision_s_parameter_counts(name, parameters):
 def test_fine_tuning_adapts_the_stem_and_the_classifier_and_loads_the_rest():
     source = bc_state(in_channels=3, num_classes=1000)
     config = densenet_jax.preset("densenet121", **SMALL_BC)  # 1 channel, 10 classes
-    fresh = densenet_jax.DenseNet(config).init(jax.random.key(1), jnp.ones((1, 32, 32, 1)),
-                                               train=False)
+    fresh = initial_variables(config, jax.random.key(1), 32)
     variables, notes = densenet_jax.fine_tune_variables(legacy(source), config, fresh)
     assert notes == ["stem convolution adapted from 3 input channels to 1 (summed over them)",
                      "classifier re-initialised for 10 classes (the weights have 1000)"]

@@ -1,6 +1,7 @@
 """The recipe's pieces: augmentations inside the step, the weights' moving average,
 test-time flips, and the recipe's fields from the command line."""
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -12,9 +13,10 @@ import densenet_jax
 from train import main as cli
 from train.config import RECIPES, RecipeConfig
 from train.pipeline import augment, random_crop_and_flip, random_erasing
-from train.steps import (create_train_state, infer, learning_rate_schedule, make_optimizer,
-                         moving_average, train_step, zero_metrics)
 from train.parallel import data_mesh, replicate
+from train.build import initial_state
+from train.steps import (StepConfig, infer, initial_variables, learning_rate_schedule,
+                         moving_average, train_step, zero_metrics)
 
 
 def images(batch=64, seed=0):
@@ -87,25 +89,22 @@ def test_a_run_no_longer_than_its_warm_up_still_has_a_schedule(steps_per_epoch):
     assert rates.max() == pytest.approx(0.1) and rates[steps_per_epoch - 1] == rates.max()
 
 
-def tiny_model():
-    return densenet_jax.DenseNet(densenet_jax.preset("d2l", block_config=(2, 2),
-                                                     growth_rate=8, stem_channels=8))
+TINY = densenet_jax.preset("d2l", block_config=(2, 2), growth_rate=8, stem_channels=8)
 
 
 def test_evaluation_uses_the_moving_average(splits):
-    model, mesh = tiny_model(), data_mesh()
-    recipe = RecipeConfig(ema_decay=0.9)
-    state = create_train_state(model, make_optimizer(recipe, 4, 1), jax.random.key(0), 32,
-                               ema=True)
+    mesh = data_mesh()
+    config = StepConfig(model=TINY, recipe=RecipeConfig(ema_decay=0.9), resize=32)
+    state = initial_state(config, jax.random.key(0))
     initial = jax.tree.map(np.asarray, state.variables)
     chex.assert_trees_all_equal(state.ema, initial)
     data = replicate((splits["train"].images[:64], splits["train"].labels[:64]), mesh)
-    metrics = replicate(zero_metrics(), mesh)
+    metrics, learning_rate = replicate((zero_metrics(), np.float32(0.1)), mesh)
     for step in range(3):
         indices = replicate(np.arange(16 * step, 16 * step + 16, dtype=np.int32), mesh)
         previous = jax.tree.map(np.asarray, state.ema)  # the step donates its state
         state, metrics = train_step(state, metrics, *data, indices, jax.random.key(0),
-                                    resize=32, recipe=recipe, mesh=mesh)
+                                    learning_rate, config=config, mesh=mesh)
         # each step: the average moves towards the new weights by 1 − decay
         decay = min(0.9, (1 + step + 1) / (10 + step + 1))
         chex.assert_trees_all_close(
@@ -114,26 +113,24 @@ def test_evaluation_uses_the_moving_average(splits):
     assert state.eval_variables is state.ema
     assert not np.allclose(state.ema["params"]["classifier"]["kernel"],
                            state.params["classifier"]["kernel"])
-    plain = create_train_state(model, make_optimizer(recipe, 4, 1), jax.random.key(0), 32)
+    plain = initial_state(StepConfig(model=TINY, recipe=RecipeConfig(), resize=32),
+                          jax.random.key(0))
     assert plain.ema is None
     chex.assert_trees_all_equal(plain.eval_variables, plain.variables)
 
 
 def test_test_time_flip_averages_the_logits_of_both_mirror_images():
-    model = tiny_model()
     x = images(batch=4)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), train=False)
-    plain = infer(variables, x, apply_fn=model.apply, resize=32)
-    mirrored = infer(variables, x[:, :, ::-1], apply_fn=model.apply, resize=32)
-    both = infer(variables, x, apply_fn=model.apply, resize=32, flip=True)
+    variables = initial_variables(TINY, jax.random.key(0), 32)
+    logits = jax.jit(functools.partial(infer, model=TINY, resize=32), static_argnames="flip")
+    plain, mirrored = logits(variables, x), logits(variables, x[:, :, ::-1])
+    both = logits(variables, x, flip=True)
     np.testing.assert_allclose(both, (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
     assert not np.allclose(both, plain)
     # a mirror-symmetric image is its own mirror image: flipping changes nothing
     symmetric = jnp.concatenate([x[:, :, :14], x[:, :, 13::-1]], axis=2)
-    np.testing.assert_allclose(infer(variables, symmetric, apply_fn=model.apply, resize=32,
-                                     flip=True),
-                               infer(variables, symmetric, apply_fn=model.apply, resize=32),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits(variables, symmetric, flip=True),
+                               logits(variables, symmetric), rtol=1e-5, atol=1e-6)
 
 
 def test_recipe_fields_from_the_command_line():

@@ -2,20 +2,21 @@
 mistakes, divergence, out of memory, and what a newcomer sees."""
 import json
 import logging
+import re
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import TINY
 from train import main as cli
 from train.loop import diverged
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ("--resize", "32", "--limit-train", "300", "--batch-size", "100")
+QUICK = ("--resize", "32", "--limit-train", "300", "--batch-size", "100", *TINY)
 
 
 def run_cli(data_dir, workdir, *args):
@@ -60,6 +61,24 @@ def test_a_used_workdir_is_refused_without_resume_or_overwrite(data_dir, two_epo
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["recipe"]["learning_rate"] == 0.05
     assert saved["data"]["download"] is False  # --data-dir: nothing is downloaded
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_so_and_compiles_nothing(data_dir, two_epochs, tmp_path,
+                                                              capsys, compilations):
+    workdir = copy_run(two_epochs, tmp_path)
+    capsys.readouterr()
+    assert run_cli(data_dir, workdir, "--epochs", "2", "--resume") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (f"nothing to train: {workdir} already holds all 2 epochs of this run "
+                        f"(python -m train.evaluate --workdir {workdir} measures it)")
+    assert len(lines) == 4 and lines[2].startswith("loss ")  # then d2l's closing lines
+    assert not {"train_step", "eval_step", "init_variables"} & set(compilations())
+
+    assert run_cli(data_dir, workdir, "--epochs", "1", "--resume") == 1
+    assert (f"--resume with --epochs 1: this run already holds 2 epochs (in "
+            f"{workdir.absolute()}/checkpoints); resume with --epochs 2 or more") \
+        in one_error_line(capsys)
 
 
 @pytest.mark.slow
@@ -129,6 +148,30 @@ def test_more_bad_arguments(data_dir, tmp_path, capsys, args, message):
     assert message in one_error_line(capsys)
 
 
+@pytest.mark.slow
+def test_a_second_run_loads_its_programs_from_the_compilation_cache(data_dir, tmp_path):
+    """--compilation-cache: the first process compiles and keeps its steps, a second one
+    with the same network and recipe (another workdir and seed) loads them."""
+    def run(name, *args):
+        return subprocess.run(
+            [sys.executable, "-m", "train.main", "--data-dir", str(data_dir), "--workdir",
+             str(tmp_path / name), *QUICK, "--epochs", "1", "--compilation-cache",
+             str(tmp_path / "cache"), *args],
+            cwd=ROOT, env={**os.environ, "JAX_LOG_COMPILES": "1"}, capture_output=True,
+            text=True, timeout=300)
+
+    first = run("first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Persistent compilation cache hit" not in first.stderr
+    assert any((tmp_path / "cache").iterdir())
+    second = run("second", "--seed", "3")
+    assert second.returncode == 0, second.stderr[-3000:]
+    hits = re.findall(r"Persistent compilation cache hit for '(\w+)'", second.stderr)
+    assert sorted(name for name in hits if name.endswith("_step")) == [
+        "jit_eval_step", "jit_train_step"]  # 300 examples: one batch shape of each
+    assert "jit_init_variables" in hits
+
+
 @pytest.mark.parametrize("where", ["a_file", "below_a_file"])
 def test_a_workdir_that_cannot_be_a_folder_is_one_line(data_dir, tmp_path, capsys, where):
     (tmp_path / "a_file").write_text("")
@@ -136,6 +179,13 @@ def test_a_workdir_that_cannot_be_a_folder_is_one_line(data_dir, tmp_path, capsy
     assert run_cli(data_dir, workdir) == 1
     err = one_error_line(capsys)
     assert str(workdir) in err and "choose another --workdir" in err
+
+
+def test_a_compilation_cache_that_cannot_be_a_folder_is_one_line(data_dir, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert run_cli(data_dir, tmp_path / "run", "--compilation-cache", str(tmp_path / "a_file")) == 1
+    assert (f"--compilation-cache {tmp_path / 'a_file'} is a file, not a folder; choose another "
+            f"--compilation-cache") in one_error_line(capsys)
 
 
 def test_out_of_memory_names_the_flags(data_dir, tmp_path, capsys, monkeypatch):
@@ -186,7 +236,9 @@ def test_sigterm_saves_the_last_epoch_and_says_how_to_resume(data_dir, tmp_path)
 def test_start_up_says_what_it_is_doing(data_dir, tmp_path, capsys):
     assert run_cli(data_dir, tmp_path, "--epochs", "1") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:2] == ["loading Fashion-MNIST (idx)", "compiling train_step (tens of seconds)"]
+    assert lines[:2] == ["loading Fashion-MNIST (idx)", "compiling the train and eval steps"]
+    assert re.fullmatch(r"compiled in \d+\.\d s; the train step takes \d+ MiB per device",
+                        lines[2]), lines[2]
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -11,24 +11,22 @@ import pytest
 import torch
 
 import densenet_jax
+from conftest import TINY, train_cli as run_cli
 from densenet_jax.torch_reference import reference_model, xavier_init_
 from train import main as cli
+from train.build import initial_state, step_config
 from train.checkpoint import CheckpointError, with_epochs
-from train.config import (RECIPES, RecipeConfig, RunConfig,
-                          without_computation_fields)
-from train.loop import SCALARS, accuracies, fit, load_initial_weights, split_for_validation
-from train.steps import create_train_state, make_optimizer, train_step
-
-
-def run_cli(data_dir, workdir, *args):
-    return cli.main(["--data-dir", str(data_dir), "--workdir", str(workdir), "--resize", "32",
-                     *args])
+from train.config import RECIPES, RunConfig, without_computation_fields
+from train.data import split_for_validation
+from train.loop import accuracies, fit, load_initial_weights
+from train.outputs import SCALARS
+from train.steps import StepConfig
 
 
 @pytest.mark.slow
 def test_short_real_run_learns_and_writes_its_files(data_dir, tmp_path, capsys):
     code = run_cli(data_dir, tmp_path, "--limit-train", "4000", "--batch-size", "64",
-                   "--epochs", "2")
+                   "--epochs", "2", "--lr", "0.3")
     out = capsys.readouterr().out
     assert code == 0, out
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -49,14 +47,11 @@ def small(splits):
     return {"train": splits["train"], "test": splits["test"].head(1000)}
 
 
-def quick_run(data_dir, tmp_path, *recipe_args):
+def quick_run(data_dir, *recipe_args):
+    """The tiny network's run at 32×32: 600 examples in batches of 128, two epochs."""
     args = cli.parse_args(["--data-dir", str(data_dir), "--resize", "32", "--limit-train", "600",
-                           "--batch-size", "128", "--epochs", "2", *recipe_args])
+                           "--batch-size", "128", "--epochs", "2", *TINY, *recipe_args])
     return cli.run_config(args)
-
-
-class Interrupt(Exception):
-    pass
 
 
 def results(history):
@@ -74,7 +69,7 @@ def results(history):
      "test_flip=true", "--validation", "500"],
 ], ids=["d2l", "strong+erasing+ema+flip+validation"])
 def test_resume_equals_uninterrupted(data_dir, splits, tmp_path, recipe):
-    run = quick_run(data_dir, tmp_path, *recipe)
+    run = quick_run(data_dir, *recipe)
     splits = small(splits)
     straight = fit(run, splits, tmp_path / "straight", log=lambda line: None)
 
@@ -95,12 +90,12 @@ def test_resume_with_other_kernels_and_remat(data_dir, splits, tmp_path):
     holds the same parameter tree."""
     first = cli.run_config(cli.parse_args(["--resize", "32", "--limit-train", "300",
                                            "--batch-size", "100", "--epochs", "2",
-                                           "--kernels", "xla_cpu"]))
+                                           "--kernels", "xla_cpu", *TINY]))
     with pytest.raises(KeyboardInterrupt):
         fit(first, small(splits), tmp_path, log=_interrupt_after_epoch_1)
     second = cli.run_config(cli.parse_args(["--resize", "32", "--limit-train", "300",
                                             "--batch-size", "100", "--epochs", "2",
-                                            "--kernels", "reference", "--remat"]))
+                                            "--kernels", "reference", "--remat", *TINY]))
     assert (second.model.kernels, second.model.remat) == ("reference", True)
     history = fit(second, small(splits), tmp_path, resume=True, log=lambda line: None)
     assert [r["epoch"] for r in history] == [1, 2] and np.isfinite(history[-1]["loss"])
@@ -112,13 +107,50 @@ def _interrupt_after_epoch_1(line):
 
 
 @pytest.mark.slow
-def test_train_step_compiles_once_per_shape(data_dir, splits, tmp_path):
-    # 1000 examples in batches of 96: ten full batches and one of 40, over two epochs.
-    args = cli.parse_args(["--resize", "32", "--limit-train", "1000", "--batch-size", "96",
-                           "--epochs", "2"])
-    before = train_step._cache_size()
-    fit(cli.run_config(args), small(splits), tmp_path, log=lambda line: None)
-    assert train_step._cache_size() - before == 2
+def test_equal_runs_share_compiled_programs(data_dir, splits, tmp_path, compilations):
+    """A run compiles its steps before the first epoch, one program per batch shape, and
+    nothing during the epochs; an equal run in the same process, or one with another
+    learning rate, seed or length, compiles nothing at all."""
+    # 1000 examples in batches of 96: ten full batches and one of 40.
+    run = cli.run_config(cli.parse_args(["--resize", "32", "--limit-train", "1000",
+                                         "--batch-size", "96", "--epochs", "2", *TINY]))
+    marks = {}  # what had been compiled when each kind of line was logged
+    fit(run, small(splits), tmp_path / "first",
+        log=lambda line: marks.setdefault(line.split()[0], len(compilations())))
+    names = compilations()
+    steps = sorted(name for name in names[marks["compiling"]:marks["compiled"]]
+                   if name.endswith("_step"))
+    assert steps == ["eval_step", "eval_step", "train_step", "train_step"]  # 96 and 40 each
+    assert not {"train_step", "eval_step"} & set(names[marks["compiled"]:])
+
+    compiled = len(compilations())
+    fit(run, small(splits), tmp_path / "again", log=lambda line: None)
+    other = dataclasses.replace(
+        run, recipe=dataclasses.replace(run.recipe, learning_rate=0.05),
+        train=dataclasses.replace(run.train, seed=7, epochs=1))
+    history = fit(other, small(splits), tmp_path / "other", log=lambda line: None)
+    assert compilations()[compiled:] == []
+    assert [r["epoch"] for r in history] == [1]  # it did train
+
+
+def test_what_a_train_step_program_depends_on():
+    """The static argument of train_step: equal for runs that differ only in learning rate,
+    seed, or (with a constant rate) epochs; a cosine schedule keeps its length."""
+    run = RunConfig(model=densenet_jax.preset("d2l"))
+    config = step_config(run, 1000)
+    other = RunConfig(model=densenet_jax.preset("d2l"),
+                      recipe=dataclasses.replace(run.recipe, learning_rate=0.05),
+                      train=dataclasses.replace(run.train, seed=3, epochs=20))
+    assert step_config(other, 1000) == config and hash(step_config(other, 1000)) == hash(config)
+    assert config.schedule_steps == (0, 0)
+    strong = RunConfig(recipe=RECIPES["strong"])
+    assert step_config(strong, 1000).schedule_steps == (4, 10)
+    assert step_config(strong, 1000) != step_config(dataclasses.replace(
+        strong, train=dataclasses.replace(strong.train, epochs=20)), 1000)
+    assert step_config(run, 1000) != step_config(dataclasses.replace(
+        run, model=densenet_jax.preset("d2l", growth_rate=16)), 1000)
+    assert StepConfig(model=run.model, recipe=RECIPES["strong"], resize=96).recipe \
+        == dataclasses.replace(RECIPES["strong"], learning_rate=0.1)
 
 
 def test_ctrl_c_says_how_to_resume(data_dir, tmp_path, capsys, monkeypatch):
@@ -135,7 +167,7 @@ def test_ctrl_c_says_how_to_resume(data_dir, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--resize", "16"], "--resize 16 is below this network's minimum input size 29"),
+    (["--resize", "4"], "--resize 4 is below this network's minimum input size 5"),
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
     (["--epochs", "-1"], "--epochs must be positive, got -1"),
     (["--lr", "0"], "--lr must be positive, got 0.0"),
@@ -177,7 +209,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, spli
                                                                     monkeypatch):
     from train import loop
 
-    run = quick_run(data_dir, tmp_path)
+    run = quick_run(data_dir)
     real_device_get = jax.device_get
     epochs_seen = []
 
@@ -206,11 +238,12 @@ def test_diverging_lr_gives_a_clear_error(data_dir, tmp_path, capsys):
     assert re.search(r"the loss became (nan|-?inf) in epoch 1", err) and "nothing was saved" in err
 
 
-def imagenet_shaped_file(folder) -> tuple[str, dict]:
-    """d2l's network for 3-channel images and 1000 classes, saved as a PyTorch file."""
+def imagenet_shaped_file(folder, **fields) -> tuple[str, dict]:
+    """d2l's network (with `fields` changed) for 3-channel images and 1000 classes, saved
+    as a PyTorch file."""
     torch.manual_seed(0)
-    state = xavier_init_(reference_model(densenet_jax.preset("d2l", in_channels=3,
-                                                             num_classes=1000))).state_dict()
+    state = xavier_init_(reference_model(densenet_jax.preset(
+        "d2l", in_channels=3, num_classes=1000, **fields))).state_dict()
     path = str(folder / "imagenet.pth")
     torch.save(state, path)
     return path, state
@@ -219,8 +252,7 @@ def imagenet_shaped_file(folder) -> tuple[str, dict]:
 def test_initial_weights_are_the_file_s(tmp_path):
     path, state = imagenet_shaped_file(tmp_path)
     config = densenet_jax.preset("d2l")
-    model = densenet_jax.DenseNet(config)
-    fresh = create_train_state(model, make_optimizer(RecipeConfig(), 10, 1), jax.random.key(0), 32)
+    fresh = initial_state(step_config(RunConfig(model=config), 1000), jax.random.key(0))
     lines = []
     loaded = load_initial_weights(fresh, path, config, log=lines.append)
     assert lines == [f"started from the weights in {path}; stem convolution adapted from 3 "
@@ -236,7 +268,8 @@ def test_initial_weights_are_the_file_s(tmp_path):
 
 @pytest.mark.slow
 def test_fine_tuning_from_a_pytorch_file(data_dir, tmp_path, capsys):
-    path, _ = imagenet_shaped_file(tmp_path)
+    path, _ = imagenet_shaped_file(tmp_path, block_config=(2, 2), growth_rate=8,
+                                   stem_channels=8)  # TINY's network
     code = run_cli(data_dir, tmp_path / "run", "--init-from", path, "--limit-train", "512",
                    "--batch-size", "128", "--epochs", "1")
     out = capsys.readouterr().out
@@ -307,7 +340,7 @@ def test_tensorboard_shows_what_metrics_jsonl_holds(trained):
 @pytest.mark.slow
 def test_a_constant_rate_run_continues_for_longer(data_dir, splits, tmp_path):
     """d2l's 2-epoch run resumed with --epochs 3 ends as the 3-epoch run made in one go."""
-    two = quick_run(data_dir, tmp_path)
+    two = quick_run(data_dir)
     three = dataclasses.replace(two, train=dataclasses.replace(two.train, epochs=3))
     straight = fit(three, small(splits), tmp_path / "straight", log=lambda line: None)
     fit(two, small(splits), tmp_path / "longer", log=lambda line: None)

@@ -31,19 +31,18 @@ from train import data
 from train.config import RECIPES, RunConfig, TrainConfig
 from train.host import configure_host
 from train.loop import device_name, fit
-from train.main import PRECISIONS, add_model_flags, require_positive
+from train.main import PRECISIONS, add_model_flags, model_config, require_positive
 from train.parallel import data_mesh, initialize_distributed, replicate
-from train.steps import create_train_state, make_optimizer, train_step, zero_metrics
+from train.build import compile_train_step, initial_state, learning_rate, step_config
+from train.steps import zero_metrics
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="d2l", choices=sorted(densenet_jax.PRESETS))
+    add_model_flags(parser)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--resize", type=int, default=32)
-    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS))
-    add_model_flags(parser)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--torch", nargs="*", default=list(TORCH_SETTINGS),
@@ -67,33 +66,30 @@ class JaxSteps:
 
     def __init__(self, config: densenet_jax.DenseNetConfig, batch: int, resize: int, mesh):
         rng = np.random.default_rng(0)
-        recipe = RECIPES["d2l"]
-        optimizer = make_optimizer(recipe, 1, 1)
-        state = create_train_state(densenet_jax.DenseNet(config), optimizer, jax.random.key(0),
-                                   resize)
-        (self.state, self.metrics, self.images, self.labels, self.indices,
-         self.key) = replicate((state, zero_metrics(),
-                                rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8),
-                                rng.integers(0, 10, batch, dtype=np.int32),
-                                np.arange(batch, dtype=np.int32), jax.random.key(0)), mesh)
-        args = (self.state, self.metrics, self.images, self.labels, self.indices, self.key)
-        start = time.perf_counter()
-        self.compiled = train_step.lower(*args, resize=resize, recipe=recipe,
-                                         mesh=mesh).compile()
-        self.compile_seconds = time.perf_counter() - start
-        memory = self.compiled.memory_analysis()
-        self.peak_bytes = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                           + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+        run = RunConfig(model=config, recipe=RECIPES["d2l"],
+                        train=TrainConfig(epochs=1, batch_size=batch, resize=resize))
+        step = step_config(run, batch)
+        (self.state, self.metrics, self.images, self.labels, self.indices, self.key,
+         self.learning_rate) = replicate(
+            (initial_state(step, jax.random.key(0)), zero_metrics(),
+             rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8),
+             rng.integers(0, 10, batch, dtype=np.int32), np.arange(batch, dtype=np.int32),
+             jax.random.key(0), learning_rate(run)), mesh)
+        compiled = compile_train_step(step, mesh, self.state, self.metrics, self.images,
+                                      self.labels, self.key, self.learning_rate, [batch])
+        self.step, self.compile_seconds = compiled.steps[batch], compiled.seconds
+        self.peak_bytes = compiled.memory_bytes
         # The compiled program is one device's share of the batch.
-        self.flops_per_example = (self.compiled.cost_analysis()["flops"]
+        self.flops_per_example = (self.step.cost_analysis()["flops"]
                                   / (batch / mesh.devices.size))
         self.run(1)  # warm-up
 
     def run(self, steps: int) -> float:
         start = time.perf_counter()
         for _ in range(steps):
-            self.state, self.metrics = self.compiled(self.state, self.metrics, self.images,
-                                                     self.labels, self.indices, self.key)
+            self.state, self.metrics = self.step(self.state, self.metrics, self.images,
+                                                 self.labels, self.indices, self.key,
+                                                 self.learning_rate)
         jax.block_until_ready(self.metrics)
         return time.perf_counter() - start
 
@@ -204,25 +200,34 @@ def step_benchmark(args, config) -> dict:
     for _ in range(args.repeats):  # alternated, so drifts hit all alike
         for name, framework in frameworks.items():
             rates[name].append(examples_per_sec(framework, args.steps, args.batch))
-    median = {name: statistics.median(values) for name, values in rates.items()}
     peak = matmul_peak(args.peak_size, config.dtype, with_torch=bool(args.torch))
-    share = {name: rate * ours.flops_per_example / (peak * mesh.devices.size)
-             for name, rate in median.items()}
-    best_torch = max(settings, key=median.get) if settings else None
-    result = {"jax_examples_per_sec": median["jax"],
-              "torch_examples_per_sec": median.get("eager"),
-              "torch_channels_last_examples_per_sec": median.get("channels_last"),
-              "torch_compile_examples_per_sec": median.get("compile"),
-              "ratio": median["jax"] / median["eager"] if "eager" in median else None,
-              "best_torch": best_torch,
-              "ratio_best": median["jax"] / median[best_torch] if best_torch else None,
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    result = {**ratios(median, ours.flops_per_example, peak * mesh.devices.size),
               "compile_seconds": ours.compile_seconds,
               "torch_compile_seconds": (settings["compile"].compile_seconds
                                         if "compile" in settings else None),
               "peak_bytes": ours.peak_bytes, "flops_per_example": ours.flops_per_example,
-              "matmul_peak_flops": peak, "peak_fraction": share}
+              "matmul_peak_flops": peak}
     print_report(rates, median, result, args.peak_size, config.dtype)
     return result
+
+
+def ratios(median: dict[str, float], flops_per_example: float, peak_flops: float) -> dict:
+    """From each framework's median examples/sec ("jax" and the PyTorch settings timed):
+    ours and each PyTorch setting's rate, `ratio` (ours over eager NCHW), `best_torch` (the
+    fastest setting), `ratio_best` (ours over it), and each one's share of `peak_flops`
+    (the peak of every device together) at `flops_per_example`."""
+    torch_rates = {name: rate for name, rate in median.items() if name != "jax"}
+    best_torch = max(torch_rates, key=torch_rates.get) if torch_rates else None
+    return {"jax_examples_per_sec": median["jax"],
+            "torch_examples_per_sec": median.get("eager"),
+            "torch_channels_last_examples_per_sec": median.get("channels_last"),
+            "torch_compile_examples_per_sec": median.get("compile"),
+            "ratio": median["jax"] / median["eager"] if "eager" in median else None,
+            "best_torch": best_torch,
+            "ratio_best": median["jax"] / median[best_torch] if best_torch else None,
+            "peak_fraction": {name: rate * flops_per_example / peak_flops
+                              for name, rate in median.items()}}
 
 
 def print_report(rates: dict[str, list[float]], median: dict[str, float], result: dict,
@@ -267,21 +272,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         require_positive(args, "batch", "resize", "steps", "repeats", "peak_size")
-        config = densenet_jax.preset(args.preset, dtype=PRECISIONS[args.precision],
-                                     remat=args.remat, kernels=args.kernels)
+        config = model_config(args)
         config.require_input_size(args.resize, "--resize")
         initialize_distributed()
         kernels = densenet_jax.kernels.get_kernels(config.kernels).name
-        print(f"{args.preset}, batch {args.batch}, resize {args.resize}, {args.precision}, "
-              f"{kernels} kernels{', remat' if args.remat else ''}, {os.cpu_count()} CPU "
-              f"threads, {device_name()}")
+        precision = {dtype: name for name, dtype in PRECISIONS.items()}.get(config.dtype,
+                                                                           config.dtype)
+        print(f"{args.preset}{' ' + ' '.join(args.model) if args.model else ''}, batch "
+              f"{args.batch}, resize {args.resize}, {precision}, {kernels} kernels"
+              f"{', remat' if config.remat else ''}, {os.cpu_count()} CPU threads, "
+              f"{device_name()}")
         result = (end_to_end_benchmark if args.end_to_end else step_benchmark)(args, config)
     except (ValueError, data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(json.dumps({"device": device_name(), "preset": args.preset, "batch": args.batch,
-                      "resize": args.resize, "precision": args.precision, "kernels": kernels,
-                      "remat": args.remat, **result}, ensure_ascii=False))
+                      "resize": args.resize, "precision": precision, "kernels": kernels,
+                      "remat": config.remat, **result}, ensure_ascii=False))
     return 0
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-import densenet_jax
+from train.build import state_shapes, step_config
 from train.config import RunConfig, without_computation_fields
-from train.steps import (TrainState, checkpoint_tree, create_train_state, make_optimizer,
-                         replace_from_tree)
+from train.parallel import data_mesh
+from train.steps import TrainState, checkpoint_tree, replace_from_tree
 
 
 class CheckpointError(Exception):
@@ -66,7 +66,8 @@ def save(mngr: ocp.CheckpointManager, epoch: int, state: TrainState, key: jax.Ar
 def restore(mngr: ocp.CheckpointManager, state: TrainState, run_fields: dict, log=print
             ) -> tuple[TrainState, int, jax.Array, list[dict]]:
     """(state, last complete epoch, RNG key, metrics history) of the newest checkpoint that
-    restores; each damaged one skipped is named in one line through `log`."""
+    restores, its arrays placed as `state`'s (shapes, `build.state_shapes`); each damaged
+    one skipped is named in one line through `log`."""
     with _quiet("absl"):  # orbax logs each damaged checkpoint it meets; this says it once
         epochs = sorted(mngr.all_steps(), reverse=True)
         if not epochs:
@@ -96,8 +97,8 @@ def restore(mngr: ocp.CheckpointManager, state: TrainState, run_fields: dict, lo
 def load_run(workdir: Path, epoch: int | None = None) -> tuple[RunConfig, TrainState, int,
                                                                 list[dict]]:
     """A run's config (workdir/config.json) and its state after `epoch` (default: the last
-    saved), its history up to there; read only. CheckpointError, in one line, for a workdir
-    without a run or without that epoch."""
+    saved), replicated on every device, its history up to there; read only.
+    CheckpointError, in one line, for a workdir without a run or without that epoch."""
     try:
         run = RunConfig.from_dict(json.loads((workdir / "config.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -111,11 +112,8 @@ def load_run(workdir: Path, epoch: int | None = None) -> tuple[RunConfig, TrainS
     elif epoch not in epochs:
         raise CheckpointError(f"--epoch {epoch} is not saved in {workdir / 'checkpoints'} (saved: "
                               f"{', '.join(map(str, epochs))})")
-    model = densenet_jax.DenseNet(run.model)
-    # The schedule's length does not shape the optimiser state: one step per epoch will do.
-    optimizer = make_optimizer(run.recipe, 1, run.train.epochs)
-    state = create_train_state(model, optimizer, jax.random.key(0), run.train.resize,
-                               ema=bool(run.recipe.ema_decay))
+    # The schedule's length does not shape the state: one step per epoch will do.
+    state = state_shapes(step_config(run, run.train.batch_size), data_mesh())
     with _quiet("absl"):
         mngr = manager(workdir)
         try:
@@ -155,13 +153,16 @@ def _restore_epoch(mngr: ocp.CheckpointManager, epoch: int, state: TrainState,
                               f"configuration ({'; '.join(differences[:3])}); rerun with the "
                               f"same settings or use another --workdir")
     total = run_fields["train"]["epochs"]
+    if meta["epoch"] == epoch == len(meta["history"]) and epoch > total:
+        raise CheckpointError(f"--resume with --epochs {total}: this run already holds {epoch} "
+                              f"epochs (in {mngr.directory}); resume with --epochs {epoch} or "
+                              f"more, or start a new run in another --workdir")
     if not 0 < epoch <= total or meta["epoch"] != epoch or len(meta["history"]) != epoch:
         raise CheckpointError(f"--resume: checkpoint {mngr.directory / str(epoch)} claims "
                               f"epoch {meta['epoch']} of a {total}-epoch run; it is not this "
                               f"run's: use another --workdir, or --overwrite")
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpoint_tree(state))
     tree = mngr.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+        state=ocp.args.StandardRestore(checkpoint_tree(state))))["state"]
     key = jax.random.wrap_key_data(jax.numpy.asarray(meta["key"], dtype="uint32"))
     return replace_from_tree(state, tree), epoch, key, meta["history"]
 

@@ -74,6 +74,15 @@ class Split:
                                                                     self.labels[keep:])
 
 
+def split_for_validation(train: Split, validation: int) -> tuple[Split, Split]:
+    """(training, validation) splits: the last `validation` training examples held out.
+    ValueError, in one line, if that leaves nothing to train on."""
+    if not 0 <= validation < len(train):
+        raise ValueError(f"--validation {validation} must lie in 0..{len(train) - 1}: the "
+                         f"training split has {len(train)} examples")
+    return train.hold_out(validation)
+
+
 def default_cache_dir() -> Path:
     """Per-user cache folder, as torchvision and Keras keep one."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

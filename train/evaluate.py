@@ -15,17 +15,57 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
 
+import densenet_jax
 from train import data
+from train.build import Compiled, compile_eval_step, epoch_batch_sizes
 from train.checkpoint import CheckpointError, load_run
 from train.config import RunConfig
 from train.host import configure_host
-from train.loop import confusion_matrix, split_for_validation
 from train.parallel import data_mesh, replicate
 from train.pipeline import sequential_batches
 from train.plots import confusion_figure
 from train.steps import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """A split placed on the devices once, in an order that never changes, with the eval
+    step compiled for its batches: what the trainer measures after each epoch and this
+    command measures after training."""
+
+    images: jax.Array
+    labels: jax.Array
+    batches: list[jax.Array]
+    step: Compiled
+    num_classes: int
+    mesh: Mesh
+
+    @classmethod
+    def prepare(cls, split: data.Split, variables: dict, model: densenet_jax.DenseNetConfig,
+                resize: int, flip: bool, batch_size: int, mesh: Mesh) -> "Evaluation":
+        """`split` on `mesh`, evaluated in batches of `batch_size` as `model` at `resize`
+        (`flip`: test-time flip) with variables shaped as `variables`."""
+        images, labels = replicate((split.images, split.labels), mesh)
+        confusion = replicate(np.zeros((model.num_classes,) * 2, np.int32), mesh)
+        step = compile_eval_step(model, resize, flip, mesh, variables, confusion, images,
+                                 labels, epoch_batch_sizes(len(split), batch_size))
+        return cls(images, labels, sequential_batches(len(split), batch_size, mesh), step,
+                   model.num_classes, mesh)
+
+    def confusion(self, variables: dict) -> np.ndarray:
+        """(true class, predicted class) counts over the split, in evaluation mode
+        (`variables`: a state's `eval_variables`)."""
+        confusion = replicate(np.zeros((self.num_classes,) * 2, np.int32), self.mesh)
+        for indices in self.batches:
+            confusion = self.step(variables, confusion, self.images, self.labels, indices)
+        return np.asarray(confusion)
+
+    def accuracy(self, variables: dict) -> float:
+        return float(np.trace(self.confusion(variables))) / len(self.labels)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +112,7 @@ def split_of(run: RunConfig, splits: dict[str, data.Split], name: str) -> data.S
     if not run.train.validation:
         raise ValueError("this run held out no validation split (trained without "
                          "--validation): use --split test")
-    return split_for_validation(splits["train"], run.train.validation)[1]
+    return data.split_for_validation(splits["train"], run.train.validation)[1]
 
 
 def settings(run: RunConfig, state: TrainState) -> str:
@@ -99,9 +139,10 @@ def main(argv=None) -> int:
         source = dataclasses.replace(run.data, data_dir=args.data_dir or run.data.data_dir)
         split = split_of(run, data.load(source), args.split)
         mesh = data_mesh()
-        images, labels = replicate((split.images, split.labels), mesh)
-        batches = sequential_batches(len(split), run.train.batch_size, mesh)
-        confusion = confusion_matrix(replicate(state, mesh), images, labels, batches, run, mesh)
+        variables = replicate(state.eval_variables, mesh)
+        evaluation = Evaluation.prepare(split, variables, run.model, run.train.resize,
+                                        run.recipe.test_flip, run.train.batch_size, mesh)
+        confusion = evaluation.confusion(variables)
     except (CheckpointError, data.DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -5,8 +5,8 @@
 
 The function takes uint8 images (batch, 28, 28, C), any batch size, and returns logits
 (batch, classes) in evaluation mode, preprocessed as in training (÷ 255, resize). `jax`
-writes a serialized `jax.export.Exported` (StableHLO with the weights as constants) for the
-CPU, and for CUDA too when exported where a GPU is present:
+writes a serialized `jax.export.Exported` (StableHLO with the weights as constants) lowered
+for CPUs, CUDA GPUs and TPUs alike, wherever it is exported:
 
     exported = jax.export.deserialize(open("model.jax", "rb").read())
     logits = exported.call(images)
@@ -26,7 +26,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-import densenet_jax
 from train import data
 from train.checkpoint import CheckpointError, load_run
 from train.host import configure_host
@@ -49,26 +48,20 @@ def inference_function(workdir: Path, epoch: int | None = None):
     """(f, input spec): f(images uint8 (B, 28, 28, C)) → logits (B, classes), the run's
     weights closed over, with the reference kernels."""
     run, state, _, _ = load_run(workdir, epoch)
-    model = densenet_jax.DenseNet(dataclasses.replace(run.model, kernels="reference"))
-    f = functools.partial(infer, state.eval_variables, apply_fn=model.apply,
+    f = functools.partial(infer, state.eval_variables,
+                          model=dataclasses.replace(run.model, kernels="reference"),
                           resize=run.train.resize, flip=run.recipe.test_flip)
     return f, (data.IMAGE_SIZE, data.IMAGE_SIZE, run.model.in_channels)
+
+
+# jax.export lowers for platforms that are not present, so one artifact serves them all.
+PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def export_jax(f, image_shape: tuple[int, ...], out: Path) -> None:
     batch = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((*batch, *image_shape), jnp.uint8)
-    exported = jax.export.export(jax.jit(f), platforms=_platforms())(spec)
-    out.write_bytes(exported.serialize())
-
-
-def _platforms() -> tuple[str, ...]:
-    """The CPU, and CUDA where a GPU is present."""
-    try:
-        jax.devices("cuda")
-        return ("cpu", "cuda")
-    except RuntimeError:
-        return ("cpu",)
+    out.write_bytes(jax.export.export(jax.jit(f), platforms=PLATFORMS)(spec).serialize())
 
 
 def export_savedmodel(f, image_shape: tuple[int, ...], out: Path) -> None:

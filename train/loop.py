@@ -1,9 +1,10 @@
-"""The training loop: epochs of `train_step` over the split held on the device, an
-evaluation after each, metrics, plot and checkpoint after each epoch."""
+"""The training loop. `fit` claims the workdir and builds or restores the state (`begin`),
+compiles the steps (`Trainer.prepare`, `Evaluation.prepare`), then runs the epochs: the
+steps over the split held on the devices (`Trainer.epoch`), an evaluation, a checkpoint and
+the run's files (train.outputs) after each."""
 from __future__ import annotations
 
-import contextlib
-import json
+import dataclasses
 import math
 import sys
 import time
@@ -12,21 +13,148 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tensorboardX import SummaryWriter
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 import densenet_jax
 from train import checkpoint
+from train.build import (Compiled, compile_train_step, epoch_batch_sizes, initial_state,
+                         learning_rate, state_shapes, step_config)
 from train.config import RunConfig
-from train.data import Split
+from train.data import Split, split_for_validation
+from train.evaluate import Evaluation
+from train.outputs import run_files
 from train.parallel import data_mesh, replicate
-from train.pipeline import epoch_batches, sequential_batches
-from train.plots import plot_curves
-from train.steps import create_train_state, eval_step, make_optimizer, train_step, zero_metrics
+from train.pipeline import epoch_batches
+from train.steps import StepConfig, TrainState, zero_metrics
 
 
 class NonFiniteLossError(Exception):
     """Training diverged; the last good checkpoint is kept."""
+
+
+def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = False,
+        log=print, mesh=None, overwrite: bool = False) -> list[dict]:
+    """Train as `run` says, data-parallel over `mesh` (default: every device); returns one
+    record per epoch (also in workdir/metrics.jsonl). A workdir holding another run's
+    checkpoints is refused unless `resume` (continue it) or `overwrite` (replace it).
+
+    In a multi-process run every process calls this alike; process 0 logs and writes the
+    files, and all of them take part in the checkpoints."""
+    mesh = mesh or data_mesh()
+    lead = jax.process_index() == 0
+    log = log if lead else _silent
+    train_split, evaluated = run_splits(run, splits)
+    config = step_config(run, len(train_split))
+    mngr, state, start_epoch, data_key, history = begin(run, config, workdir, resume,
+                                                         overwrite, mesh, log, lead)
+    if start_epoch >= run.train.epochs:
+        log(f"nothing to train: {workdir} already holds all {run.train.epochs} epochs of "
+            f"this run (python -m train.evaluate --workdir {workdir} measures it)")
+        return history
+    if start_epoch:
+        log(f"resumed from epoch {start_epoch} in {mngr.directory}")
+
+    log("compiling the train and eval steps")
+    trainer = Trainer.prepare(run, config, train_split, state, data_key, mesh)
+    evaluations = {name: Evaluation.prepare(split, state.eval_variables, run.model,
+                                            run.train.resize, run.recipe.test_flip,
+                                            run.train.batch_size, mesh)
+                   for name, split in evaluated.items()}
+    seconds = trainer.step.seconds + sum(e.step.seconds for e in evaluations.values())
+    log(f"compiled in {seconds:.1f} s; the train step takes "
+        f"{trainer.step.memory_bytes / 2**20:,.0f} MiB per device")
+
+    run_fields = run.result_fields()
+    with run_files(workdir, run, history, enabled=lead) as record_files:
+        for epoch in range(start_epoch + 1, run.train.epochs + 1):
+            state, loss, train_acc, seconds = trainer.epoch(state, epoch, progress=lead)
+            if diverged(loss, run.model.num_classes):
+                raise NonFiniteLossError(divergence_message(loss, epoch, mngr.directory))
+            history.append({"epoch": epoch, "loss": loss, "train_acc": train_acc,
+                            **{f"{name}_acc": evaluation.accuracy(state.eval_variables)
+                               for name, evaluation in evaluations.items()},
+                            "examples_per_sec": len(train_split) / seconds,
+                            "train_seconds": seconds})
+            checkpoint.save(mngr, epoch, state, data_key, history, run_fields)
+            record_files(history)
+            log(f"epoch {epoch}/{run.train.epochs}: {accuracies(history[-1])}, "
+                f"{history[-1]['examples_per_sec']:.1f} examples/sec")
+    return history
+
+
+def run_splits(run: RunConfig, splits: dict[str, Split]) -> tuple[Split, dict[str, Split]]:
+    """The examples `run` trains on, and the splits it evaluates after each epoch: "test",
+    and "val" where it holds training examples out (`--validation`)."""
+    train, held_out = split_for_validation(splits["train"], run.train.validation)
+    if run.train.limit_train:
+        train = train.head(run.train.limit_train)
+    return train, {"test": splits["test"], **({"val": held_out} if run.train.validation else {})}
+
+
+def begin(run: RunConfig, config: StepConfig, workdir: Path, resume: bool, overwrite: bool,
+          mesh: Mesh, log, lead: bool):
+    """The workdir claimed for this run, and where training starts: a fresh state (with
+    --init-from's weights if given) at epoch 0, or with `resume` the newest checkpoint
+    that restores. Returns (checkpoint manager, state, epoch, data key, history so far),
+    the state and key on `mesh`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint.claim(workdir, resume, overwrite, delete=lead)  # every process: all refuse alike
+    mngr = checkpoint.manager(workdir)
+    init_key, data_key = jax.random.split(jax.random.key(run.train.seed))
+    if resume:
+        state, epoch, data_key, history = checkpoint.restore(
+            mngr, state_shapes(config, mesh), run.result_fields(), log=log)
+        return mngr, state, epoch, replicate(data_key, mesh), history
+    state = initial_state(config, init_key)
+    if run.train.init_from:
+        state = load_initial_weights(state, run.train.init_from, run.model, log)
+    return mngr, replicate(state, mesh), 0, replicate(data_key, mesh), []
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """A run's training split on the devices, placed once as uint8, with the train step
+    compiled for its batches."""
+
+    step: Compiled
+    images: jax.Array
+    labels: jax.Array
+    key: jax.Array            # the run's data key: each epoch's order and each step's crops
+    learning_rate: jax.Array
+    batch_size: int
+    epochs: int
+    mesh: Mesh
+
+    @classmethod
+    def prepare(cls, run: RunConfig, config: StepConfig, split: Split, state: TrainState,
+                key: jax.Array, mesh: Mesh) -> "Trainer":
+        images, labels, rate, metrics = replicate(
+            (split.images, split.labels, learning_rate(run), zero_metrics()), mesh)
+        step = compile_train_step(config, mesh, state, metrics, images, labels, key, rate,
+                                  epoch_batch_sizes(len(split), run.train.batch_size))
+        return cls(step, images, labels, key, rate, run.train.batch_size, run.train.epochs,
+                   mesh)
+
+    def epoch(self, state: TrainState, epoch: int, progress: bool = True
+              ) -> tuple[TrainState, float, float, float]:
+        """Epoch `epoch`'s steps, in its own order of the split: (state, mean loss, train
+        accuracy, seconds in the steps). `progress`: a bar where stderr is a terminal."""
+        batches = epoch_batches(jax.random.fold_in(self.key, epoch), len(self.labels),
+                                self.batch_size)
+        metrics = replicate(zero_metrics(), self.mesh)
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+        # The epoch runs on the devices alone: any host transfer in it is an error.
+        with jax.transfer_guard("disallow"):
+            for indices in tqdm(batches, desc=f"epoch {epoch}/{self.epochs}", leave=False,
+                                disable=not (progress and sys.stderr.isatty())):
+                state, metrics = self.step(state, metrics, self.images, self.labels, indices,
+                                           self.key, self.learning_rate)
+        metrics = jax.device_get(metrics)  # waits for the last step
+        seconds = time.perf_counter() - start
+        count = int(metrics["count"])
+        return state, float(metrics["loss_sum"]) / count, int(metrics["correct"]) / count, seconds
 
 
 def diverged(loss: float, num_classes: int) -> bool:
@@ -34,6 +162,13 @@ def diverged(loss: float, num_classes: int) -> bool:
     above 10 · ln(classes) (23 for 10 classes), ten times the loss of a uniform guess,
     which no classifier that is still learning averages over a whole epoch."""
     return not np.isfinite(loss) or loss > 10 * math.log(num_classes)
+
+
+def divergence_message(loss: float, epoch: int, checkpoints) -> str:
+    kept = (f"the last good checkpoint (epoch {epoch - 1}) is kept in {checkpoints}"
+            if epoch > 1 else "no epoch completed, so nothing was saved")
+    return (f"the loss became {loss:.4g} in epoch {epoch}, training stopped; {kept}; training "
+            f"diverged: lower --lr and start again")
 
 
 def device_name(mesh=None) -> str:
@@ -47,142 +182,6 @@ def device_name(mesh=None) -> str:
             + (f", {processes} processes" if processes > 1 else ""))
 
 
-def confusion_matrix(state, images: jax.Array, labels: jax.Array, batches: list[jax.Array],
-                     run: RunConfig, mesh) -> np.ndarray:
-    """(true class, predicted class) counts in evaluation mode (BatchNorm running
-    statistics), as `run` evaluates, over `batches`, which hold every example once
-    (`sequential_batches`)."""
-    classes = run.model.num_classes
-    confusion = replicate(np.zeros((classes, classes), np.int32), mesh)
-    for indices in batches:
-        confusion = eval_step(state, confusion, images, labels, indices, resize=run.train.resize,
-                              flip=run.recipe.test_flip, mesh=mesh)
-    return np.asarray(confusion)
-
-
-def evaluate(state, images: jax.Array, labels: jax.Array, batches: list[jax.Array],
-             run: RunConfig, mesh) -> float:
-    """Accuracy in evaluation mode over `batches` (see `confusion_matrix`)."""
-    return int(np.trace(confusion_matrix(state, images, labels, batches, run, mesh))) / len(labels)
-
-
-def warm_up(state, images: jax.Array, labels: jax.Array, run: RunConfig, mesh) -> float:
-    """Compile `train_step` for both batch shapes of an epoch (full and last partial) on a
-    copy of the state, so that no epoch's timing includes compilation; returns seconds."""
-    start = time.perf_counter()
-    full = min(run.train.batch_size, len(labels))
-    shapes = {full, len(labels) % full or full}
-    key = replicate(jax.random.key(0), mesh)
-    for batch in sorted(shapes):
-        copy = jax.tree.map(jnp.copy, state)  # train_step donates its state
-        out = train_step(copy, replicate(zero_metrics(), mesh), images, labels,
-                         replicate(np.arange(batch, dtype=np.int32), mesh), key,
-                         resize=run.train.resize, recipe=run.recipe, mesh=mesh)
-        jax.block_until_ready(out)
-    return time.perf_counter() - start
-
-
-def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = False,
-        log=print, mesh=None, overwrite: bool = False) -> list[dict]:
-    """Train as `run` says, data-parallel over `mesh` (default: every device); returns one
-    record per epoch (also in workdir/metrics.jsonl). A workdir holding another run's
-    checkpoints is refused unless `resume` (continue it) or `overwrite` (replace it).
-
-    In a multi-process run every process calls this alike; process 0 logs and writes the
-    files, and all of them take part in the checkpoints."""
-    cfg, model_cfg = run.train, run.model
-    mesh = mesh or data_mesh()
-    lead = jax.process_index() == 0
-    log = log if lead else _silent
-    workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.claim(workdir, resume, overwrite, delete=lead)  # every process: all refuse alike
-    train_split, held_out = split_for_validation(splits["train"], cfg.validation)
-    train_split = train_split.head(cfg.limit_train) if cfg.limit_train else train_split
-    num_train = len(train_split)
-    steps_per_epoch = math.ceil(num_train / cfg.batch_size)
-    model = densenet_jax.DenseNet(model_cfg)
-    optimizer = make_optimizer(run.recipe, steps_per_epoch, cfg.epochs)
-    init_key, data_key = jax.random.split(jax.random.key(cfg.seed))
-    state = create_train_state(model, optimizer, init_key, cfg.resize,
-                               ema=bool(run.recipe.ema_decay))
-    if cfg.init_from and not resume:
-        state = load_initial_weights(state, cfg.init_from, model_cfg, log)
-    state = replicate(state, mesh)
-
-    mngr = checkpoint.manager(workdir)
-    run_fields = run.result_fields()
-    history, start_epoch = [], 0
-    if resume:
-        state, start_epoch, data_key, history = checkpoint.restore(mngr, state, run_fields,
-                                                                   log=log)
-        log(f"resumed from epoch {start_epoch} in {mngr.directory}")
-    data_key = replicate(data_key, mesh)
-    if lead:
-        (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
-        _write_metrics(workdir, history)
-
-    # The whole split goes to every device once, as uint8.
-    train_images, train_labels = replicate((train_split.images, train_split.labels), mesh)
-    # Evaluated after each epoch, in an order that never changes: placed on the devices once.
-    evaluated = {"test": splits["test"], **({"val": held_out} if cfg.validation else {})}
-    evaluated = {name: (*replicate((split.images, split.labels), mesh),
-                        sequential_batches(len(split), cfg.batch_size, mesh))
-                 for name, split in evaluated.items()}
-    show_progress = lead and sys.stderr.isatty()
-    log("compiling train_step (tens of seconds)")
-    compile_seconds = warm_up(state, train_images, train_labels, run, mesh)
-    log(f"train_step compiled in {compile_seconds:.1f} s")
-
-    with tensorboard(workdir, enabled=lead) as write_scalars:
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            epoch_key = jax.random.fold_in(data_key, epoch)
-            batches = epoch_batches(epoch_key, num_train, cfg.batch_size)
-            metrics = replicate(zero_metrics(), mesh)
-            jax.block_until_ready(state)
-            start = time.perf_counter()
-            # The epoch runs on the devices alone: any host transfer in it is an error.
-            with jax.transfer_guard("disallow"):
-                for indices in tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                                    disable=not show_progress):
-                    state, metrics = train_step(state, metrics, train_images, train_labels,
-                                                indices, data_key, resize=cfg.resize,
-                                                recipe=run.recipe, mesh=mesh)
-            metrics = jax.device_get(metrics)  # waits for the last step
-            train_seconds = time.perf_counter() - start
-            loss = float(metrics["loss_sum"]) / int(metrics["count"])
-            if diverged(loss, model_cfg.num_classes):
-                kept = (f"the last good checkpoint (epoch {epoch - 1}) is kept in "
-                        f"{mngr.directory}" if epoch > 1 else
-                        "no epoch completed, so nothing was saved")
-                raise NonFiniteLossError(f"the loss became {loss:.4g} in epoch {epoch}, "
-                                         f"training stopped; {kept}; training diverged: lower "
-                                         f"--lr and start again")
-            record = {"epoch": epoch, "loss": loss,
-                      "train_acc": int(metrics["correct"]) / int(metrics["count"]),
-                      **{f"{name}_acc": evaluate(state, images, labels, batches, run, mesh)
-                         for name, (images, labels, batches) in evaluated.items()},
-                      "examples_per_sec": num_train / train_seconds,
-                      "train_seconds": train_seconds}
-            history.append(record)
-            checkpoint.save(mngr, epoch, state, data_key, history, run_fields)
-            if lead:
-                _write_metrics(workdir, history)
-                plot_curves(history, workdir / "curves.png")
-                write_scalars(record)
-            log(f"epoch {epoch}/{cfg.epochs}: {accuracies(record)}, "
-                f"{record['examples_per_sec']:.1f} examples/sec")
-    return history
-
-
-def split_for_validation(train: Split, validation: int) -> tuple[Split, Split]:
-    """(training, validation) splits: the last `validation` training examples held out.
-    ValueError, in one line, if that leaves nothing to train on."""
-    if not 0 <= validation < len(train):
-        raise ValueError(f"--validation {validation} must lie in 0..{len(train) - 1}: the "
-                         f"training split has {len(train)} examples")
-    return train.hold_out(validation)
-
-
 def accuracies(record: dict) -> str:
     """"loss 0.154, train acc 0.943, test acc 0.880" (d2l's figures), then val acc if any."""
     text = (f"loss {record['loss']:.3f}, train acc {record['train_acc']:.3f}, "
@@ -190,7 +189,8 @@ def accuracies(record: dict) -> str:
     return text + (f", val acc {record['val_acc']:.3f}" if "val_acc" in record else "")
 
 
-def load_initial_weights(state, path: str, config: densenet_jax.DenseNetConfig, log=print):
+def load_initial_weights(state: TrainState, path: str, config: densenet_jax.DenseNetConfig,
+                         log=print) -> TrainState:
     """`state` with the PyTorch weights in `path`, adapted to `config` where they were made
     for other input channels or classes (densenet_jax.fine_tune_variables); says so."""
     variables, notes = densenet_jax.fine_tune_variables(path, config, state.variables)
@@ -208,38 +208,5 @@ def summary(history: list[dict], mesh=None) -> str:
             f"{examples / seconds:.1f} examples/sec on {device_name(mesh)}")
 
 
-# TensorBoard's, per epoch (val_acc where the run holds a validation split)
-SCALARS = ("loss", "train_acc", "test_acc", "val_acc", "examples_per_sec")
-
-
-@contextlib.contextmanager
-def tensorboard(workdir: Path, enabled: bool = True):
-    """A function that writes an epoch's record as TensorBoard scalars into `workdir`
-    (`tensorboard --logdir runs/` shows every run), through tensorboardX: event files
-    without TensorFlow."""
-    if not enabled:
-        yield lambda record: None
-        return
-    writer = SummaryWriter(logdir=str(workdir))
-
-    def write(record: dict) -> None:
-        for name in SCALARS:
-            if name in record:
-                writer.add_scalar(name, record[name], record["epoch"])
-        writer.flush()
-
-    try:
-        yield write
-    finally:
-        writer.close()
-
-
 def _silent(line: str) -> None:
     """The log of processes other than 0: one voice per run."""
-
-
-def _write_metrics(workdir: Path, history: list[dict]) -> None:
-    """metrics.jsonl, rewritten whole from the history so it always matches the checkpoint."""
-    tmp = workdir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
-    tmp.replace(workdir / "metrics.jsonl")

@@ -23,6 +23,7 @@ import jax
 
 import densenet_jax
 from train import data, supervise
+from train.build import use_compilation_cache
 from train.checkpoint import CheckpointError, saved_epochs
 from train.config import RECIPES, RecipeConfig, RunConfig, TrainConfig
 from train.host import configure_host
@@ -46,9 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.main", description=__doc__,
                                      formatter_class=HelpFormatter)
     defaults = TrainConfig()
-    parser.add_argument("--preset", default="d2l", choices=sorted(densenet_jax.PRESETS),
-                        help="d2l: the chapter's network; densenet*: torchvision's DenseNet-BC")
-    parser.add_argument("--global-pool", choices=("max", "avg"), help="override the preset's")
+    add_model_flags(parser)
     parser.add_argument("--recipe", default="d2l", choices=sorted(RECIPES),
                         help="d2l: plain SGD as the source; strong: Nesterov momentum, weight "
                              "decay, cosine schedule with warm-up, crop+flip, label smoothing")
@@ -63,13 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="images are resized to RESIZE×RESIZE (bilinear); on a CPU, 32 "
                              "trains about 9× faster than 96")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"0..{MAX_SEED}")
-    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
-                        help="bf16: bfloat16 compute, float32 parameters and statistics")
-    add_model_flags(parser)
-    parser.add_argument("--model", nargs="+", metavar="FIELD=VALUE", default=[],
-                        help="set any DenseNetConfig field over the preset (and over "
-                             "--global-pool, --precision, --kernels, --remat), e.g. "
-                             "growth_rate=12 block_config=6,12,24,16 stem_channels=24")
     parser.add_argument("--init-from", metavar="FILE",
                         help="start from PyTorch weights (.pth, .pt or .safetensors; "
                              "torchvision's DenseNet files too); a stem made for other input "
@@ -93,16 +85,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in --workdir (its checkpoints, metrics "
                              "and plot are deleted)")
+    parser.add_argument("--compilation-cache", metavar="DIR",
+                        help="keep compiled programs in DIR across runs (JAX's persistent "
+                             "compilation cache; also $JAX_COMPILATION_CACHE_DIR): a second "
+                             "run of the same network and recipe starts without compiling")
     return parser.parse_args(argv)
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """How the network is computed, not what it computes: the same results either way."""
+    """The network (`model_config`), and how it is computed: kernels and remat change how,
+    not what, with the same results either way."""
+    parser.add_argument("--preset", default="d2l", choices=sorted(densenet_jax.PRESETS),
+                        help="d2l: the chapter's network; densenet*: torchvision's DenseNet-BC")
+    parser.add_argument("--global-pool", choices=("max", "avg"), help="override the preset's")
+    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
+                        help="bf16: bfloat16 compute, float32 parameters and statistics")
     parser.add_argument("--kernels", default="auto", choices=densenet_jax.kernels.KERNEL_SETS,
                         help="the model's kernel set: reference (plain JAX), xla_cpu, or auto "
                              "(xla_cpu on the CPU backend, reference elsewhere)")
     parser.add_argument("--remat", action="store_true",
                         help="recompute each dense layer in the backward pass (less memory)")
+    parser.add_argument("--model", nargs="+", metavar="FIELD=VALUE", default=[],
+                        help="set any DenseNetConfig field over the preset (and over "
+                             "--global-pool, --precision, --kernels, --remat), e.g. "
+                             "growth_rate=12 block_config=6,12,24,16 stem_channels=24")
+
+
+def model_config(args: argparse.Namespace) -> densenet_jax.DenseNetConfig:
+    """The network `add_model_flags`' flags describe; ValueError, in one line, if invalid."""
+    overrides = {"dtype": PRECISIONS[args.precision], "kernels": args.kernels,
+                 "remat": args.remat}
+    if args.global_pool:
+        overrides["global_pool"] = args.global_pool
+    try:
+        overrides.update(densenet_jax.config.parse_fields(args.model))
+    except ValueError as error:
+        raise ValueError(f"--model {error}") from None
+    return densenet_jax.preset(args.preset, **overrides)
 
 
 def require_positive(args: argparse.Namespace, *names: str) -> None:
@@ -129,15 +148,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --workdir and --overwrite replaces it; "
                          "pass one of them")
-    overrides = {"dtype": PRECISIONS[args.precision], "kernels": args.kernels,
-                 "remat": args.remat}
-    if args.global_pool:
-        overrides["global_pool"] = args.global_pool
-    try:
-        overrides.update(densenet_jax.config.parse_fields(args.model))
-    except ValueError as error:
-        raise ValueError(f"--model {error}") from None
-    model = densenet_jax.preset(args.preset, **overrides)
+    model = model_config(args)
     model.require_input_size(args.resize, "--resize")
     recipe = RECIPES[args.recipe]
     if args.lr is not None:
@@ -156,18 +167,19 @@ def run_config(args: argparse.Namespace) -> RunConfig:
                              download=not (args.data_dir or os.environ.get(data.ENV_VAR))))
 
 
-def check_workdir(workdir: Path) -> None:
-    """ValueError, in one line, unless `workdir` is (or can be made) a writable folder."""
+def check_folder(folder: Path, flag: str = "--workdir") -> None:
+    """ValueError, in one line naming `flag`, unless `folder` is (or can be made) a
+    writable folder."""
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise ValueError(f"--workdir {workdir} is a file, not a folder; choose another "
-                         f"--workdir") from None
+        raise ValueError(f"{flag} {folder} is a file, not a folder; choose another "
+                         f"{flag}") from None
     except OSError as error:  # below a file, not permitted, read-only file system
-        raise ValueError(f"cannot create --workdir {workdir} ({error.strerror}); choose "
-                         f"another --workdir") from None
-    if not os.access(workdir, os.W_OK | os.X_OK):
-        raise ValueError(f"--workdir {workdir} is not writable; choose another --workdir")
+        raise ValueError(f"cannot create {flag} {folder} ({error.strerror}); choose "
+                         f"another {flag}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder} is not writable; choose another {flag}")
 
 
 def out_of_memory(error: Exception) -> bool:
@@ -229,7 +241,10 @@ def main(argv=None) -> int:
     try:
         with sigterm_as_interrupt():
             run = run_config(args)
-            check_workdir(workdir)
+            check_folder(workdir)
+            if args.compilation_cache:
+                check_folder(Path(args.compilation_cache), "--compilation-cache")
+            use_compilation_cache(args.compilation_cache)
             initialize_distributed()
             print(f"loading Fashion-MNIST ({args.data_source})", flush=True)
             splits = data.load(run.data)

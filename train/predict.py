@@ -92,8 +92,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     names = data.class_names(run.model.num_classes)
-    classify = jax.jit(functools.partial(infer, apply_fn=state.apply_fn,
-                                         resize=run.train.resize, flip=run.recipe.test_flip))
+    classify = jax.jit(functools.partial(infer, model=run.model, resize=run.train.resize,
+                                         flip=run.recipe.test_flip))
     failed = False
     for name in args.images:
         try:

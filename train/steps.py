@@ -1,6 +1,13 @@
-"""The one train step and eval step, used by the CLI, the benchmark and the tests."""
+"""The one train step and eval step, used by the CLI, the benchmark and the tests.
+
+Both are jitted with only what shapes their program as static arguments, so that equal
+runs share one compiled program: a `StepConfig` (the network, the recipe, the image size)
+for training; the network, image size and test-time flip for evaluation. The learning rate
+and the random keys are arguments: a new --lr or --seed compiles nothing.
+"""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -8,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -18,13 +24,37 @@ from train.parallel import shard_batch
 from train.pipeline import augment, preprocess
 
 
-class TrainState(train_state.TrainState):
-    """params, optimiser state and step, plus BatchNorm's running statistics and the
-    model's kernel set (static)."""
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What a compiled train step depends on: hashable, a static argument of `train_step`.
 
-    batch_stats: Any = None
-    ema: Any = None  # {"params", "batch_stats"} averaged over steps, if the recipe keeps them
-    kernels: densenet_jax.kernels.Kernels = struct.field(pytree_node=False, default=None)
+    The recipe's learning rate is set aside (the step takes it as an argument), and the
+    schedule's length, (steps per epoch, epochs), is kept only where a schedule spans the
+    run (cosine): two runs that differ in neither share one program.
+    """
+
+    model: densenet_jax.DenseNetConfig
+    recipe: RecipeConfig
+    resize: int
+    schedule_steps: tuple[int, int] = (0, 0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "recipe", dataclasses.replace(
+            self.recipe, learning_rate=RecipeConfig.learning_rate))
+        if self.recipe.schedule == "constant":
+            object.__setattr__(self, "schedule_steps", (0, 0))
+
+
+class TrainState(struct.PyTreeNode):
+    """What training changes, arrays only: the step, parameters, BatchNorm's running
+    statistics, the optimiser's state and, if the recipe keeps one, the weights' moving
+    average ({"params", "batch_stats"}). How to compute with them is the `StepConfig`'s."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema: Any = None
 
     @property
     def variables(self) -> dict:
@@ -37,39 +67,68 @@ class TrainState(train_state.TrainState):
         return self.variables if self.ema is None else self.ema
 
 
-def learning_rate_schedule(recipe: RecipeConfig, steps_per_epoch: int, epochs: int):
-    """The learning rate, constant or per step. A warm-up as long as the run or longer (the
-    strong recipe's one epoch in a one-epoch run) ends one step before it, so that the cosine
-    keeps a step to decay over."""
+def learning_rate_schedule(recipe: RecipeConfig, steps_per_epoch: int, epochs: int,
+                           learning_rate=None):
+    """The learning rate (default: the recipe's; a traced value inside the step), constant
+    or per step. A warm-up as long as the run or longer (the strong recipe's one epoch in a
+    one-epoch run) ends one step before it, so that the cosine keeps a step to decay over."""
+    learning_rate = recipe.learning_rate if learning_rate is None else learning_rate
     if recipe.schedule == "constant":
-        return recipe.learning_rate
+        return learning_rate
     # "cosine", the only other one RecipeConfig admits (config.SCHEDULES)
     total = max(epochs * steps_per_epoch, 1)
     warmup = min(int(recipe.warmup_epochs * steps_per_epoch), total - 1)
-    return optax.warmup_cosine_decay_schedule(0.0, recipe.learning_rate, warmup, total)
+    # optax.warmup_cosine_decay_schedule(0, learning_rate, warmup, total), built from its two
+    # pieces as it builds them: it compares its peak with 0 in Python, which a traced rate
+    # cannot be.
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup),
+                                 optax.cosine_decay_schedule(learning_rate, total - warmup)],
+                                [warmup])
 
 
-def make_optimizer(recipe: RecipeConfig, steps_per_epoch: int, epochs: int):
+def make_optimizer(recipe: RecipeConfig, steps_per_epoch: int, epochs: int, learning_rate=None):
     """SGD (plain for d2l); weight decay added to the gradient, as torch.optim.SGD does."""
-    schedule = learning_rate_schedule(recipe, steps_per_epoch, epochs)
+    schedule = learning_rate_schedule(recipe, steps_per_epoch, epochs, learning_rate)
     sgd = optax.sgd(schedule, momentum=recipe.momentum or None, nesterov=recipe.nesterov)
     if recipe.weight_decay:
         return optax.chain(optax.add_decayed_weights(recipe.weight_decay), sgd)
     return sgd
 
 
-def create_train_state(model: densenet_jax.DenseNet, optimizer, key: jax.Array,
-                       resize: int, ema: bool = False) -> TrainState:
-    """Initialised variables (Xavier-uniform conv and linear kernels, as d2l); with `ema`,
-    their moving average starts at them."""
-    x = jnp.zeros((1, resize, resize, model.config.in_channels), model.config.param_dtype)
-    variables = jax.jit(functools.partial(model.init, train=False))(key, x)
-    state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optimizer,
-                              batch_stats=variables["batch_stats"],
-                              ema=jax.tree.map(jnp.copy, variables) if ema else None,
-                              kernels=densenet_jax.kernels.get_kernels(model.config.kernels))
-    # An int32 array, not Python's 0, so the first step hits the same compiled program.
-    return state.replace(step=jnp.zeros((), jnp.int32))
+def init_variables(key: jax.Array, *, model: densenet_jax.DenseNetConfig, resize: int) -> dict:
+    """Initialised {"params", "batch_stats"} (Xavier-uniform conv and linear kernels, as
+    d2l) for images of resize × resize."""
+    x = jnp.zeros((1, resize, resize, model.in_channels), model.param_dtype)
+    return densenet_jax.DenseNet(model).init(key, x, train=False)
+
+
+# Initialisation runs once a run. XLA:CPU's optimisation of its random-number code takes
+# longer than the unoptimised program ever runs, so there it is compiled unoptimised (the
+# same values: integer hashing, then exact conversions; docs/performance.md).
+INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
+
+
+@functools.cache
+def _jitted_init(backend: str):
+    return jax.jit(init_variables, static_argnames=("model", "resize"),
+                   compiler_options=INIT_COMPILER_OPTIONS.get(backend))
+
+
+def initial_variables(model: densenet_jax.DenseNetConfig, key: jax.Array, resize: int) -> dict:
+    """`init_variables`, compiled once per network (and backend) in a process."""
+    return _jitted_init(jax.default_backend())(key, model=model, resize=resize)
+
+
+def create_train_state(config: StepConfig, variables: dict) -> TrainState:
+    """A fresh state from initialised `variables` (`initial_variables`): them, the
+    optimiser's initial state and, if the recipe keeps a moving average, that average
+    starting at them."""
+    optimizer = make_optimizer(config.recipe, *config.schedule_steps)
+    # step: an int32 array, not Python's 0, so the first step hits the same compiled program.
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"],
+                      opt_state=optimizer.init(variables["params"]),
+                      ema=jax.tree.map(jnp.copy, variables) if config.recipe.ema_decay else None)
 
 
 def zero_metrics() -> dict[str, jax.Array]:
@@ -77,23 +136,26 @@ def zero_metrics() -> dict[str, jax.Array]:
             "count": jnp.zeros((), jnp.int32)}
 
 
-@functools.partial(jax.jit, static_argnames=("resize", "recipe", "mesh"), donate_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnames=("config", "mesh"), donate_argnums=(0, 1))
 def train_step(state: TrainState, metrics: dict, images: jax.Array, labels: jax.Array,
-               indices: jax.Array, key: jax.Array, *, resize: int, recipe: RecipeConfig,
-               mesh: Mesh) -> tuple[TrainState, dict]:
+               indices: jax.Array, key: jax.Array, learning_rate: jax.Array, *,
+               config: StepConfig, mesh: Mesh) -> tuple[TrainState, dict]:
     """One SGD step on the examples `indices` of the split held on the devices.
 
     images: (N, 28, 28, 1) uint8, labels: (N,) int32, indices: (B,) int32, all replicated
     on `mesh`; the batch is split over its `data` axis. key: the run's data key; this
     step's augmentation key is it folded with the step number, so a resumed run draws the
-    same crops. metrics accumulate the loss sum and correct count on the devices.
+    same crops. learning_rate: () float32, the recipe's (or its schedule's peak). metrics
+    accumulate the loss sum and correct count on the devices.
     """
+    recipe = config.recipe
     batch, y = shard_batch(images[indices], mesh), shard_batch(labels[indices], mesh)
-    x = preprocess(augment(batch, jax.random.fold_in(key, state.step), recipe), resize)
+    x = preprocess(augment(batch, jax.random.fold_in(key, state.step), recipe), config.resize)
+    model = densenet_jax.DenseNet(config.model)
 
     def loss_fn(params):
-        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                         x, train=True, mutable=["batch_stats"])
+        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                      x, train=True, mutable=["batch_stats"])
         targets = jax.nn.one_hot(y, logits.shape[-1])
         if recipe.label_smoothing:
             targets = optax.smooth_labels(targets, recipe.label_smoothing)
@@ -101,15 +163,23 @@ def train_step(state: TrainState, metrics: dict, images: jax.Array, labels: jax.
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = state.kernels.finish_gradients(grads)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    grads = densenet_jax.kernels.get_kernels(config.model.kernels).finish_gradients(grads)
+    optimizer = make_optimizer(recipe, *config.schedule_steps, learning_rate=learning_rate)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                          opt_state=opt_state, batch_stats=batch_stats)
     if recipe.ema_decay:
         state = state.replace(ema=moving_average(state.ema, state.variables, state.step,
                                                  recipe.ema_decay))
-    metrics = {"loss_sum": metrics["loss_sum"] + loss * y.shape[0],
-               "correct": metrics["correct"] + jnp.sum(jnp.argmax(logits, -1) == y),
-               "count": metrics["count"] + y.shape[0]}
-    return state, metrics
+    batch_metrics = {"loss_sum": loss * y.shape[0],
+                     "correct": jnp.sum(jnp.argmax(logits, -1) == y),
+                     "count": jnp.asarray(y.shape[0])}
+    # summed in zero_metrics' dtypes, whatever the model's (float64 included): the next step
+    # takes them as this one did
+    metrics = jax.tree.map(lambda total, value: total + value.astype(total.dtype), metrics,
+                           batch_metrics)
+    # replicated, as they came: the next step takes them as they are
+    return jax.lax.with_sharding_constraint((state, metrics), NamedSharding(mesh, P()))
 
 
 def moving_average(average: dict, variables: dict, step: jax.Array, decay: float) -> dict:
@@ -119,26 +189,26 @@ def moving_average(average: dict, variables: dict, step: jax.Array, decay: float
     return optax.incremental_update(variables, average, step_size=1.0 - decay)
 
 
-def infer(variables: dict, images: jax.Array, *, apply_fn, resize: int,
-          flip: bool = False) -> jax.Array:
+def infer(variables: dict, images: jax.Array, *, model: densenet_jax.DenseNetConfig,
+          resize: int, flip: bool = False) -> jax.Array:
     """Logits (B, classes) in evaluation mode for uint8 images (B, H, W, C), preprocessed as
     in training: what evaluation, prediction and export compute. `flip`: the mean of the
     logits of each image and of its mirror image (test-time augmentation)."""
+    apply = functools.partial(densenet_jax.DenseNet(model).apply, variables, train=False)
     x = preprocess(images, resize)
-    if flip:
-        return (apply_fn(variables, x, train=False)
-                + apply_fn(variables, x[:, :, ::-1], train=False)) / 2
-    return apply_fn(variables, x, train=False)
+    return (apply(x) + apply(x[:, :, ::-1])) / 2 if flip else apply(x)
 
 
-@functools.partial(jax.jit, static_argnames=("resize", "flip", "mesh"), donate_argnums=(1,))
-def eval_step(state: TrainState, confusion: jax.Array, images: jax.Array, labels: jax.Array,
-              indices: jax.Array, *, resize: int, flip: bool, mesh: Mesh) -> jax.Array:
-    """Running confusion matrix (classes, classes), int32, in evaluation mode (running
-    statistics, the moving average if kept; `flip`: see `infer`): row = true class,
-    column = predicted class."""
-    logits = infer(state.eval_variables, shard_batch(images[indices], mesh),
-                   apply_fn=state.apply_fn, resize=resize, flip=flip)
+@functools.partial(jax.jit, static_argnames=("model", "resize", "flip", "mesh"),
+                   donate_argnums=(1,))
+def eval_step(variables: dict, confusion: jax.Array, images: jax.Array, labels: jax.Array,
+              indices: jax.Array, *, model: densenet_jax.DenseNetConfig, resize: int,
+              flip: bool, mesh: Mesh) -> jax.Array:
+    """Running confusion matrix (classes, classes), int32, in evaluation mode (`variables`:
+    a state's `eval_variables`; `flip`: see `infer`): row = true class, column = predicted
+    class."""
+    logits = infer(variables, shard_batch(images[indices], mesh), model=model, resize=resize,
+                   flip=flip)
     confusion = confusion.at[shard_batch(labels[indices], mesh), jnp.argmax(logits, -1)].add(1)
     # replicated, as it came: every process can read it
     return jax.lax.with_sharding_constraint(confusion, NamedSharding(mesh, P()))
@@ -155,4 +225,3 @@ def replace_from_tree(state: TrainState, tree: dict) -> TrainState:
     return state.replace(step=tree["step"], params=tree["params"],
                          batch_stats=tree["batch_stats"], opt_state=tree["opt_state"],
                          ema=tree.get("ema"))
-
