@@ -4,6 +4,7 @@ import json
 import logging
 import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,8 +82,34 @@ def test_resuming_a_finished_run_says_so_and_compiles_nothing(data_dir, two_epoc
         in one_error_line(capsys)
 
 
+def rewrite_state(checkpoint: Path) -> None:
+    """Checkpoint `checkpoint`'s arrays written again, valid, with one weight changed: what
+    damage that still decodes looks like."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.restore(checkpoint / "state")
+        leaves, treedef = jax.tree.flatten(tree)
+        biggest = max(range(len(leaves)), key=lambda i: np.size(leaves[i]))
+        leaves[biggest] = np.asarray(leaves[biggest]).copy()
+        leaves[biggest].flat[0] += 1
+        shutil.rmtree(checkpoint / "state")
+        checkpointer.save((checkpoint / "state").absolute(), jax.tree.unflatten(treedef, leaves))
+
+
+def flip_a_bit(checkpoint: Path) -> None:
+    """One bit flipped in the middle of the largest file of `checkpoint`'s arrays."""
+    largest = max((p for p in (checkpoint / "state").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    largest.write_bytes(bytes(data))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["truncate", "delete", "garble_meta"])
+@pytest.mark.parametrize("damage", ["truncate", "delete", "garble_meta", "flip_a_bit",
+                                    "rewrite_state"])
 def test_resume_skips_a_damaged_latest_checkpoint(data_dir, two_epochs, tmp_path, capfd, caplog,
                                                   damage):
     workdir = copy_run(two_epochs, tmp_path)
@@ -95,8 +122,10 @@ def test_resume_skips_a_damaged_latest_checkpoint(data_dir, two_epochs, tmp_path
         for path in files:
             if "state" in path.parts:
                 path.unlink()
-    else:
+    elif damage == "garble_meta":
         (latest / "meta" / "metadata").write_text("{not json")
+    else:
+        {"flip_a_bit": flip_a_bit, "rewrite_state": rewrite_state}[damage](latest)
     capfd.readouterr()
     assert run_cli(data_dir, workdir, "--epochs", "2", "--resume") == 0
     out = capfd.readouterr()
@@ -122,6 +151,54 @@ def test_resume_with_every_checkpoint_damaged_is_one_line(data_dir, two_epochs, 
     assert f"no checkpoint in {workdir.absolute()}/checkpoints restores" in err
     # Starting again is now possible, and the damaged ones are kept aside.
     assert sorted(p.name for p in (workdir / "damaged_checkpoints").iterdir()) == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_evaluating_a_checkpoint_whose_arrays_changed_is_one_line(two_epochs, tmp_path):
+    from train.checkpoint import CheckpointError, load_run
+    workdir = copy_run(two_epochs, tmp_path)
+    rewrite_state(workdir / "checkpoints" / "2")
+    with pytest.raises(CheckpointError, match=r"checkpoint .*/2 does not restore "
+                       r"\(DamagedCheckpointError: its arrays are not the ones saved"):
+        load_run(workdir)
+    assert load_run(workdir, epoch=1)[2] == 1
+
+
+def test_a_workdir_in_use_by_a_run_is_refused(data_dir, tmp_path, capsys):
+    from train.checkpoint import hold
+    with hold(tmp_path):  # as a trainer holds it for the whole run
+        assert run_cli(data_dir, tmp_path, "--epochs", "1") == 1
+    assert (f"error: {tmp_path} is in use by another training run (process {os.getpid()}); "
+            f"wait for it to end, or choose another --workdir") in one_error_line(capsys)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_killed_run_leaves_its_workdir_free(tmp_path):
+    from train.checkpoint import hold
+    code = ("import os, sys; from pathlib import Path; from train.checkpoint import hold\n"
+            "with hold(Path(sys.argv[1])): os.kill(os.getpid(), 9)")
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT).returncode == -9
+    with hold(tmp_path):
+        pass
+
+
+def test_resume_of_a_missing_workdir_creates_nothing(data_dir, tmp_path, capsys):
+    assert run_cli(data_dir, tmp_path / "absent", "--resume") == 1
+    assert (f"--resume: {tmp_path / 'absent'} does not exist; point --workdir at the run to "
+            f"continue, or start without --resume") in one_error_line(capsys)
+    assert not (tmp_path / "absent").exists()
+
+
+@pytest.mark.slow
+def test_resume_with_other_settings_is_refused_before_anything_is_built(
+        data_dir, two_epochs, tmp_path, capsys, monkeypatch, compilations):
+    workdir = copy_run(two_epochs, tmp_path)
+    monkeypatch.setattr(cli.data, "load", lambda *args, **kwargs: pytest.fail("data loaded"))
+    capsys.readouterr()
+    assert run_cli(data_dir, workdir, "--epochs", "2", "--batch-size", "50", "--resume") == 1
+    assert (f"--resume: the run in {workdir} is of another configuration (train.batch_size "
+            f"was 100, now 50); rerun with the same settings") in one_error_line(capsys)
+    assert not compilations()
 
 
 def test_the_divergence_rule():

@@ -4,12 +4,16 @@ an interrupted save leaves the previous checkpoint as the latest."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from train.build import state_shapes, step_config
@@ -20,6 +24,63 @@ from train.steps import TrainState, checkpoint_tree, replace_from_tree
 
 class CheckpointError(Exception):
     """No checkpoint to resume, or one of another run; the message says what to do."""
+
+
+class DamagedCheckpointError(Exception):
+    """A checkpoint whose arrays are not the ones saved."""
+
+
+@contextlib.contextmanager
+def hold(workdir: Path):
+    """`workdir` held by this process for the length of a run, so that a second trainer
+    started on it is refused in one line (CheckpointError) instead of mixing two runs.
+    An OS lock (flock) on workdir/.lock-P, P this process's index in its run: the OS
+    releases it when the process ends, however it ends, so a killed run leaves nothing
+    stuck, and every process of a second multi-process run is refused alike."""
+    path = workdir / f".lock-{jax.process_index()}"
+    with open(path, "a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip()
+            raise CheckpointError(
+                f"{workdir} is in use by another training run"
+                f"{f' (process {holder})' if holder.isdigit() else ''}; wait for it to end, "
+                f"or choose another --workdir") from None
+        file.truncate(0)
+        file.write(str(os.getpid()))
+        file.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def require_run(workdir: Path, run_fields: dict) -> None:
+    """CheckpointError, in one line, where `workdir` cannot hold a run to --resume with
+    `run_fields` (`RunConfig.result_fields`): it does not exist, or its config.json is of
+    another run. Cheap: checked before anything is built (the checkpoints are checked
+    when restored)."""
+    if not workdir.is_dir():
+        raise CheckpointError(f"--resume: {workdir} does not exist; point --workdir at the "
+                              f"run to continue, or start without --resume")
+    try:
+        saved = RunConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no run's files yet (stopped while compiling): the checkpoints will say
+    require_same_run(saved.result_fields(), run_fields, f"the run in {workdir}")
+
+
+def require_same_run(saved: dict, run_fields: dict, what: str) -> None:
+    """CheckpointError, in one line naming `what` and the first differences, unless the
+    saved run's fields equal `run_fields` (its epochs changed as `with_epochs` allows)."""
+    saved = with_epochs(saved, run_fields)
+    if saved != run_fields:
+        differences = _differences(saved, run_fields)
+        raise CheckpointError(f"--resume: {what} is of another configuration "
+                              f"({'; '.join(differences[:3])}); rerun with the same settings "
+                              f"or use another --workdir")
 
 
 def manager(workdir: Path) -> ocp.CheckpointManager:
@@ -56,9 +117,10 @@ def claim(workdir: Path, resume: bool, overwrite: bool, delete: bool = True) -> 
 
 def save(mngr: ocp.CheckpointManager, epoch: int, state: TrainState, key: jax.Array,
          history: list[dict], run_fields: dict) -> None:
+    tree = checkpoint_tree(state)
     meta = {"epoch": epoch, "history": history, "config": run_fields,
-            "key": jax.random.key_data(key).tolist()}
-    mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(checkpoint_tree(state)),
+            "key": jax.random.key_data(key).tolist(), "digest": digest(tree)}
+    mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                              meta=ocp.args.JsonSave(meta)))
     mngr.wait_until_finished()
 
@@ -146,12 +208,8 @@ def with_epochs(saved: dict, run_fields: dict) -> dict:
 def _restore_epoch(mngr: ocp.CheckpointManager, epoch: int, state: TrainState,
                    run_fields: dict) -> tuple[TrainState, int, jax.Array, list[dict]]:
     meta = mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    saved = with_epochs(without_computation_fields(meta["config"]), run_fields)
-    if saved != run_fields:
-        differences = _differences(saved, run_fields)
-        raise CheckpointError(f"--resume: the checkpoint in {mngr.directory} is of another "
-                              f"configuration ({'; '.join(differences[:3])}); rerun with the "
-                              f"same settings or use another --workdir")
+    require_same_run(without_computation_fields(meta["config"]), run_fields,
+                     f"the checkpoint in {mngr.directory}")
     total = run_fields["train"]["epochs"]
     if meta["epoch"] == epoch == len(meta["history"]) and epoch > total:
         raise CheckpointError(f"--resume with --epochs {total}: this run already holds {epoch} "
@@ -163,8 +221,22 @@ def _restore_epoch(mngr: ocp.CheckpointManager, epoch: int, state: TrainState,
                               f"run's: use another --workdir, or --overwrite")
     tree = mngr.restore(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(checkpoint_tree(state))))["state"]
+    if "digest" in meta and digest(tree) != meta["digest"]:  # older checkpoints have none
+        raise DamagedCheckpointError("its arrays are not the ones saved (their digest differs)")
     key = jax.random.wrap_key_data(jax.numpy.asarray(meta["key"], dtype="uint32"))
     return replace_from_tree(state, tree), epoch, key, meta["history"]
+
+
+def digest(tree) -> str:
+    """SHA-256 of `tree`'s arrays (replicated: each process reads its own copy), their
+    paths, dtypes and shapes: saved with a checkpoint and checked when it is restored, so
+    that damaged bytes which still decode are caught."""
+    sha = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        sha.update(f"{jax.tree_util.keystr(path)}:{array.dtype}{array.shape}".encode())
+        sha.update(np.ascontiguousarray(array).tobytes())
+    return sha.hexdigest()
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
-"""The training loop. `fit` claims the workdir and builds or restores the state (`begin`),
-compiles the steps (`Trainer.prepare`, `Evaluation.prepare`), then runs the epochs: the
-steps over the split held on the devices (`Trainer.epoch`), an evaluation, a checkpoint and
-the run's files (train.outputs) after each."""
+"""The training loop. `fit` holds the workdir for the run, claims it and builds or restores
+the state (`begin`); `train` compiles the steps (`Trainer.prepare`, `Evaluation.prepare`),
+then runs the epochs: the steps over the split held on the devices (`Trainer.epoch`), an
+evaluation, a checkpoint and the run's files (train.outputs) after each."""
 from __future__ import annotations
 
 import dataclasses
@@ -46,15 +46,28 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
     log = log if lead else _silent
     train_split, evaluated = run_splits(run, splits)
     config = step_config(run, len(train_split))
-    mngr, state, start_epoch, data_key, history = begin(run, config, workdir, resume,
-                                                         overwrite, mesh, log, lead)
-    if start_epoch >= run.train.epochs:
-        log(f"nothing to train: {workdir} already holds all {run.train.epochs} epochs of "
-            f"this run (python -m train.evaluate --workdir {workdir} measures it)")
-        return history
-    if start_epoch:
-        log(f"resumed from epoch {start_epoch} in {mngr.directory}")
+    if resume:
+        checkpoint.require_run(workdir, run.result_fields())
+    workdir.mkdir(parents=True, exist_ok=True)
+    with checkpoint.hold(workdir):  # every process its own lock: all refuse a second run alike
+        mngr, state, start_epoch, data_key, history = begin(run, config, workdir, resume,
+                                                             overwrite, mesh, log, lead)
+        if start_epoch >= run.train.epochs:
+            log(f"nothing to train: {workdir} already holds all {run.train.epochs} epochs of "
+                f"this run (python -m train.evaluate --workdir {workdir} measures it)")
+            return history
+        if start_epoch:
+            log(f"resumed from epoch {start_epoch} in {mngr.directory}")
+        train(run, config, train_split, evaluated, state, data_key, mngr, history, workdir,
+              mesh, log, lead)
+    return history
 
+
+def train(run: RunConfig, config: StepConfig, train_split: Split, evaluated: dict[str, Split],
+          state: TrainState, data_key: jax.Array, mngr, history: list[dict], workdir: Path,
+          mesh: Mesh, log, lead: bool) -> None:
+    """Compile the steps, then train from the epoch after `history`'s last to the run's
+    last, evaluating, saving and recording (into `history` too) after each."""
     log("compiling the train and eval steps")
     trainer = Trainer.prepare(run, config, train_split, state, data_key, mesh)
     evaluations = {name: Evaluation.prepare(split, state.eval_variables, run.model,
@@ -67,7 +80,7 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
 
     run_fields = run.result_fields()
     with run_files(workdir, run, history, enabled=lead) as record_files:
-        for epoch in range(start_epoch + 1, run.train.epochs + 1):
+        for epoch in range(len(history) + 1, run.train.epochs + 1):
             state, loss, train_acc, seconds = trainer.epoch(state, epoch, progress=lead)
             if diverged(loss, run.model.num_classes):
                 raise NonFiniteLossError(divergence_message(loss, epoch, mngr.directory))
@@ -80,7 +93,6 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
             record_files(history)
             log(f"epoch {epoch}/{run.train.epochs}: {accuracies(history[-1])}, "
                 f"{history[-1]['examples_per_sec']:.1f} examples/sec")
-    return history
 
 
 def run_splits(run: RunConfig, splits: dict[str, Split]) -> tuple[Split, dict[str, Split]]:
@@ -98,7 +110,6 @@ def begin(run: RunConfig, config: StepConfig, workdir: Path, resume: bool, overw
     --init-from's weights if given) at epoch 0, or with `resume` the newest checkpoint
     that restores. Returns (checkpoint manager, state, epoch, data key, history so far),
     the state and key on `mesh`."""
-    workdir.mkdir(parents=True, exist_ok=True)
     checkpoint.claim(workdir, resume, overwrite, delete=lead)  # every process: all refuse alike
     mngr = checkpoint.manager(workdir)
     init_key, data_key = jax.random.split(jax.random.key(run.train.seed))

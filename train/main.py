@@ -24,7 +24,7 @@ import jax
 import densenet_jax
 from train import data, supervise
 from train.build import use_compilation_cache
-from train.checkpoint import CheckpointError, saved_epochs
+from train.checkpoint import CheckpointError, require_run, saved_epochs
 from train.config import RECIPES, RecipeConfig, RunConfig, TrainConfig
 from train.host import configure_host
 from train.loop import NonFiniteLossError, fit, summary
@@ -241,6 +241,8 @@ def main(argv=None) -> int:
     try:
         with sigterm_as_interrupt():
             run = run_config(args)
+            if args.resume:  # before anything is built or loaded
+                require_run(workdir, run.result_fields())
             check_folder(workdir)
             if args.compilation_cache:
                 check_folder(Path(args.compilation_cache), "--compilation-cache")
