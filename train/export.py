@@ -12,7 +12,7 @@ for CPUs, CUDA GPUs and TPUs alike, wherever it is exported:
     logits = exported.call(images)
 
 `savedmodel` writes a TensorFlow SavedModel through jax2tf (needs TensorFlow: the `tfds`
-extra), whose `serve` signature takes `images` and returns `logits`. The model is exported
+extra), whose `serving_default` signature takes `images` and returns `logits`. The model is exported
 with the `reference` kernels: plain JAX, the same function on every backend.
 """
 from __future__ import annotations
