@@ -110,10 +110,16 @@ def _to_numpy(key: str, value: Any, dtype) -> np.ndarray:
         # numpy has no bfloat16 (nor float16 on every path): go through float64, exactly.
         value = (value.double() if value.is_floating_point() else value).numpy()
     try:
-        return np.asarray(value, dtype=dtype)
+        array = np.asarray(value)
     except (TypeError, ValueError):
+        array = np.asarray(None)
+    if array.dtype.kind in "biu":  # weights cast to integers lost their fractions: most are 0
+        raise ValueError(f"state_dict key {key!r} holds {array.dtype} values, not floating "
+                         f"point: the weights were cast; save them as floats")
+    if array.dtype.kind != "f":
         raise ValueError(f"state_dict key {key!r} holds {type(value).__name__} "
-                         f"{str(value)[:40]!r}, not an array of numbers") from None
+                         f"{str(value)[:40]!r}, not an array of numbers")
+    return array.astype(dtype)
 
 
 def _list(keys) -> str:
@@ -154,9 +160,24 @@ def from_torch(state_dict: Mapping[str, Any], config: DenseNetConfig) -> dict:
         if value.shape != expected:
             raise ValueError(f"state_dict key {key!r} has shape "
                              f"{_torch_shape(value.shape, permutation)}, expected "
-                             f"{_torch_shape(expected, permutation)} for this config")
+                             f"{_torch_shape(expected, permutation)} for this config"
+                             f"{_shape_hint(path, _torch_shape(value.shape, permutation), config)}")
         variables[collection][path] = jnp.asarray(value)
     return {c: flax.traverse_util.unflatten_dict(tree) for c, tree in variables.items()}
+
+
+def _shape_hint(path: tuple[str, ...], torch_shape: tuple[int, ...],
+                config: DenseNetConfig) -> str:
+    """What to do where the weights' stem has other input channels or their classifier
+    other classes than `config`."""
+    if path == ("stem_conv", "kernel") and torch_shape[1] != config.in_channels:
+        given = f"in_channels={torch_shape[1]}"
+    elif path[0] == "classifier" and torch_shape[0] != config.num_classes:
+        given = f"num_classes={torch_shape[0]}"
+    else:
+        return ""
+    return (f"; the weights were made for {given}: build the config with it, or load them with "
+            f"densenet_jax.fine_tune_variables, which adapts the stem and replaces the classifier")
 
 
 def _torch_shape(flax_shape: tuple[int, ...], permutation) -> tuple[int, ...]:

@@ -69,6 +69,10 @@ class BatchNorm(nn.Module):
             raise ValueError(f"BatchNorm in training needs more than 1 value per channel, got "
                              f"input of shape {tuple(x.shape)}: use a larger batch (or larger "
                              f"images), or evaluate with train=False")
+        if train and not (self.is_initializing() or self.is_mutable_collection("batch_stats")):
+            raise ValueError("BatchNorm in training updates its running statistics: call "
+                             "apply(variables, x, train=True, mutable=[\"batch_stats\"]), "
+                             "which returns (output, updates), or evaluate with train=False")
         if not train:
             y = (x - running_mean.value) * (scale * jax.lax.rsqrt(running_var.value
                                                                   + self.epsilon)) + bias

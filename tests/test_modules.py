@@ -126,6 +126,14 @@ def test_batch_stats_collection_updates_only_in_training():
     # evaluation reads the running statistics and changes nothing, even where it may
     _, unchanged = apply(variables, x, train=False, mutable=("batch_stats",))
     chex.assert_trees_all_equal(unchanged["batch_stats"], variables["batch_stats"])
+    # training without a place for the new statistics says what to pass (JAX may append
+    # its note on filtered frames below the line)
+    with pytest.raises(ValueError) as raised:
+        model.apply(variables, x, train=True)
+    assert str(raised.value).splitlines()[0] == (
+        'BatchNorm in training updates its running statistics: call apply(variables, x, '
+        'train=True, mutable=["batch_stats"]), which returns (output, updates), or evaluate '
+        'with train=False')
 
 
 def test_batchnorm_matches_pytorch_formulas():

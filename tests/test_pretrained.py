@@ -134,6 +134,31 @@ def test_fine_tuning_adapts_the_stem_and_the_classifier_and_loads_the_rest():
                                   source["features.norm5.running_var"].numpy())
 
 
+@pytest.mark.parametrize("fields, key, hint", [
+    (dict(in_channels=3), "features.conv0.weight", "in_channels=3"),
+    (dict(num_classes=1000), "classifier.weight", "num_classes=1000"),
+])
+def test_weights_for_other_channels_or_classes_say_how_to_load_them(fields, key, hint):
+    with pytest.raises(ValueError) as raised:
+        densenet_jax.load_pytorch(bc_state(**fields), densenet_jax.preset("densenet121",
+                                                                          **SMALL_BC))
+    assert str(raised.value).startswith(f"state_dict key {key!r} has shape ")
+    assert str(raised.value).endswith(
+        f"for this config; the weights were made for {hint}: build the config with it, or load "
+        f"them with densenet_jax.fine_tune_variables, which adapts the stem and replaces the "
+        f"classifier")
+
+
+def test_weights_cast_to_integers_are_refused(tmp_path):
+    path = tmp_path / "cast.safetensors"
+    save_file({k: v.numpy().astype(np.int32) if v.is_floating_point() else v.numpy()
+               for k, v in bc_state().items()}, path)
+    with pytest.raises(ValueError, match=r"^state_dict key '[\w.]+' holds int32 values, not "
+                                         r"floating point: the weights were cast; save them "
+                                         r"as floats$"):
+        densenet_jax.load_pytorch(path, densenet_jax.preset("densenet121", **SMALL_BC))
+
+
 def test_adapting_to_three_channels_tiles_and_keeps_the_scale():
     weight = np.arange(2 * 3 * 1 * 1, dtype=np.float64).reshape(2, 3, 1, 1)
     grey = densenet_jax.pretrained.adapt_input_conv(weight, 1)

@@ -201,6 +201,14 @@ def test_resume_with_other_settings_is_refused_before_anything_is_built(
     assert not compilations()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("keep, kept", [([], ["2", "3"]), (["--keep", "0"], ["1", "2", "3"]),
+                                        (["--keep", "1"], ["3"])])
+def test_keep_says_how_many_epochs_checkpoints_stay(data_dir, tmp_path, keep, kept):
+    assert run_cli(data_dir, tmp_path, "--epochs", "3", *keep) == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == kept
+
+
 def test_the_divergence_rule():
     assert diverged(float("nan"), 10) and diverged(float("inf"), 10)
     assert diverged(4.8e35, 10) and diverged(23.1, 10)  # 10 · ln 10 = 23.03
@@ -219,6 +227,7 @@ def test_a_huge_lr_stops_as_diverged(data_dir, tmp_path, capsys):
     (["--seed", str(2**70)], "--seed must be in 0..4294967295, got 1180591620717411303424"),
     (["--seed", "-1"], "--seed must be in 0..4294967295, got -1"),
     (["--resume", "--overwrite"], "pass one of them"),
+    (["--keep", "-1"], "--keep must be 0 (every epoch) or positive, got -1"),
 ])
 def test_more_bad_arguments(data_dir, tmp_path, capsys, args, message):
     assert run_cli(data_dir, tmp_path, *args) == 1

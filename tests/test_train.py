@@ -170,7 +170,14 @@ def test_ctrl_c_says_how_to_resume(data_dir, tmp_path, capsys, monkeypatch):
     (["--resize", "4"], "--resize 4 is below this network's minimum input size 5"),
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
     (["--epochs", "-1"], "--epochs must be positive, got -1"),
-    (["--lr", "0"], "--lr must be positive, got 0.0"),
+    (["--lr", "0"], "--lr must be positive and finite, got 0.0"),
+    (["--lr", "inf"], "--lr must be positive and finite, got inf"),
+    (["--recipe-fields", "weight_decay=inf"], "weight_decay must be finite and not negative, "
+                                              "got inf"),
+    (["--model", "dtype=float64"], "--model dtype=float64: training computes in float32 or "
+                                   "bfloat16 (--precision)"),
+    (["--model", "num_classes=5"], "the network has num_classes=5 outputs but the data has 10 "
+                                   "classes; set --model num_classes=10"),
     (["--limit-train", "0"], "--limit-train must be positive, got 0"),
     (["--resume"], "--resume: no checkpoint in"),
     (["--init-from", "nowhere.pth"], "--init-from nowhere.pth: no such file"),
@@ -187,6 +194,27 @@ def test_bad_arguments(data_dir, tmp_path, capsys, args, message):
     assert run_cli(data_dir, tmp_path, "--limit-train", "600", *args) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("examples, batch, sizes", [
+    (65, 64, [65]), (129, 64, [64, 65]), (130, 64, [64, 64, 2]), (128, 64, [64, 64]),
+    (1, 64, [1]), (10, 64, [10])])
+def test_a_last_batch_of_one_example_joins_the_one_before(examples, batch, sizes):
+    from train.pipeline import epoch_batches, training_batch_sizes
+    assert training_batch_sizes(examples, batch) == sizes
+    batches = epoch_batches(jax.random.key(0), examples, batch)
+    assert [len(b) for b in batches] == sizes
+    assert sorted(np.concatenate(batches).tolist()) == list(range(examples))
+
+
+@pytest.mark.slow
+def test_a_run_whose_last_batch_would_hold_one_example_trains(data_dir, tmp_path, capsys):
+    # d2l's four blocks, slimmer: at 32×32 the last feature map is 1×1, where BatchNorm
+    # cannot train on one example.
+    assert run_cli(data_dir, tmp_path, "--limit-train", "65", "--batch-size", "64",
+                   "--epochs", "1", "--model", "growth_rate=8", "stem_channels=8") == 0
+    assert ("the last batch of each epoch would hold 1 example, which BatchNorm cannot train "
+            "on: it joins the batch before (65 examples)") in capsys.readouterr().out
 
 
 def test_bad_data_folder(tmp_path, capsys):

@@ -83,8 +83,10 @@ def require_same_run(saved: dict, run_fields: dict, what: str) -> None:
                               f"or use another --workdir")
 
 
-def manager(workdir: Path) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+def manager(workdir: Path, keep: int | None = 2) -> ocp.CheckpointManager:
+    """The checkpoints in workdir/checkpoints, of which saving keeps the last `keep`
+    (None: every one)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
     with _quiet("absl"):  # as in `restore`
         return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
 

@@ -5,6 +5,7 @@ The model is a `densenet_jax.DenseNetConfig`; the data source a `train.data.Data
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import densenet_jax
 from train.data import DataConfig
@@ -36,8 +37,8 @@ class RecipeConfig:
 
 
 def _recipe_problems(recipe: RecipeConfig):
-    if not recipe.learning_rate > 0:
-        yield f"learning_rate must be positive, got {recipe.learning_rate}"
+    if not 0 < recipe.learning_rate < math.inf:
+        yield f"learning_rate must be positive and finite, got {recipe.learning_rate}"
     for name in ("momentum", "ema_decay"):
         if not 0 <= getattr(recipe, name) < 1:
             yield f"{name} must lie in [0, 1), got {getattr(recipe, name)}"
@@ -45,8 +46,8 @@ def _recipe_problems(recipe: RecipeConfig):
         if not 0 <= getattr(recipe, name) <= 1:
             yield f"{name} must lie in [0, 1], got {getattr(recipe, name)}"
     for name in ("weight_decay", "warmup_epochs"):
-        if not getattr(recipe, name) >= 0:
-            yield f"{name} must not be negative, got {getattr(recipe, name)}"
+        if not 0 <= getattr(recipe, name) < math.inf:
+            yield f"{name} must be finite and not negative, got {getattr(recipe, name)}"
     if recipe.schedule not in SCHEDULES:
         yield f"schedule must be one of {SCHEDULES}, got {recipe.schedule!r}"
 

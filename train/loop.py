@@ -18,14 +18,14 @@ from tqdm import tqdm
 
 import densenet_jax
 from train import checkpoint
-from train.build import (Compiled, compile_train_step, epoch_batch_sizes, initial_state,
-                         learning_rate, state_shapes, step_config)
+from train.build import (Compiled, compile_train_step, initial_state, learning_rate,
+                         state_shapes, step_config)
 from train.config import RunConfig
 from train.data import Split, split_for_validation
 from train.evaluate import Evaluation
 from train.outputs import run_files
 from train.parallel import data_mesh, replicate
-from train.pipeline import epoch_batches
+from train.pipeline import epoch_batches, training_batch_sizes
 from train.steps import StepConfig, TrainState, zero_metrics
 
 
@@ -34,16 +34,18 @@ class NonFiniteLossError(Exception):
 
 
 def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = False,
-        log=print, mesh=None, overwrite: bool = False) -> list[dict]:
+        log=print, mesh=None, overwrite: bool = False, keep: int | None = 2) -> list[dict]:
     """Train as `run` says, data-parallel over `mesh` (default: every device); returns one
     record per epoch (also in workdir/metrics.jsonl). A workdir holding another run's
-    checkpoints is refused unless `resume` (continue it) or `overwrite` (replace it).
+    checkpoints is refused unless `resume` (continue it) or `overwrite` (replace it). The
+    last `keep` epochs' checkpoints are kept (None: every epoch's).
 
     In a multi-process run every process calls this alike; process 0 logs and writes the
     files, and all of them take part in the checkpoints."""
     mesh = mesh or data_mesh()
     lead = jax.process_index() == 0
     log = log if lead else _silent
+    require_classes(run.model, splits)
     train_split, evaluated = run_splits(run, splits)
     config = step_config(run, len(train_split))
     if resume:
@@ -51,7 +53,7 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
     workdir.mkdir(parents=True, exist_ok=True)
     with checkpoint.hold(workdir):  # every process its own lock: all refuse a second run alike
         mngr, state, start_epoch, data_key, history = begin(run, config, workdir, resume,
-                                                             overwrite, mesh, log, lead)
+                                                             overwrite, mesh, log, lead, keep)
         if start_epoch >= run.train.epochs:
             log(f"nothing to train: {workdir} already holds all {run.train.epochs} epochs of "
                 f"this run (python -m train.evaluate --workdir {workdir} measures it)")
@@ -68,6 +70,9 @@ def train(run: RunConfig, config: StepConfig, train_split: Split, evaluated: dic
           mesh: Mesh, log, lead: bool) -> None:
     """Compile the steps, then train from the epoch after `history`'s last to the run's
     last, evaluating, saving and recording (into `history` too) after each."""
+    if len(train_split) % run.train.batch_size == 1 and len(train_split) > run.train.batch_size:
+        log(f"the last batch of each epoch would hold 1 example, which BatchNorm cannot train "
+            f"on: it joins the batch before ({run.train.batch_size + 1} examples)")
     log("compiling the train and eval steps")
     trainer = Trainer.prepare(run, config, train_split, state, data_key, mesh)
     evaluations = {name: Evaluation.prepare(split, state.eval_variables, run.model,
@@ -95,6 +100,16 @@ def train(run: RunConfig, config: StepConfig, train_split: Split, evaluated: dic
                 f"{history[-1]['examples_per_sec']:.1f} examples/sec")
 
 
+def require_classes(model: densenet_jax.DenseNetConfig, splits: dict[str, Split]) -> None:
+    """ValueError, in one line, where the labels name more classes than the network has
+    outputs (its logits would have no place for some of them)."""
+    classes = 1 + max(int(np.max(split.labels)) for split in splits.values())
+    if classes > model.num_classes:
+        raise ValueError(f"the network has num_classes={model.num_classes} outputs but the data "
+                         f"has {classes} classes; set --model num_classes={classes}, or leave "
+                         f"it at the preset's")
+
+
 def run_splits(run: RunConfig, splits: dict[str, Split]) -> tuple[Split, dict[str, Split]]:
     """The examples `run` trains on, and the splits it evaluates after each epoch: "test",
     and "val" where it holds training examples out (`--validation`)."""
@@ -105,13 +120,13 @@ def run_splits(run: RunConfig, splits: dict[str, Split]) -> tuple[Split, dict[st
 
 
 def begin(run: RunConfig, config: StepConfig, workdir: Path, resume: bool, overwrite: bool,
-          mesh: Mesh, log, lead: bool):
+          mesh: Mesh, log, lead: bool, keep: int | None = 2):
     """The workdir claimed for this run, and where training starts: a fresh state (with
     --init-from's weights if given) at epoch 0, or with `resume` the newest checkpoint
     that restores. Returns (checkpoint manager, state, epoch, data key, history so far),
     the state and key on `mesh`."""
     checkpoint.claim(workdir, resume, overwrite, delete=lead)  # every process: all refuse alike
-    mngr = checkpoint.manager(workdir)
+    mngr = checkpoint.manager(workdir, keep)
     init_key, data_key = jax.random.split(jax.random.key(run.train.seed))
     if resume:
         state, epoch, data_key, history = checkpoint.restore(
@@ -143,7 +158,7 @@ class Trainer:
         images, labels, rate, metrics = replicate(
             (split.images, split.labels, learning_rate(run), zero_metrics()), mesh)
         step = compile_train_step(config, mesh, state, metrics, images, labels, key, rate,
-                                  epoch_batch_sizes(len(split), run.train.batch_size))
+                                  training_batch_sizes(len(split), run.train.batch_size))
         return cls(step, images, labels, key, rate, run.train.batch_size, run.train.epochs,
                    mesh)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -85,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in --workdir (its checkpoints, metrics "
                              "and plot are deleted)")
+    parser.add_argument("--keep", type=int, default=2, metavar="N",
+                        help="keep the checkpoints of the last N epochs (0: of every epoch)")
     parser.add_argument("--compilation-cache", metavar="DIR",
                         help="keep compiled programs in DIR across runs (JAX's persistent "
                              "compilation cache; also $JAX_COMPILATION_CACHE_DIR): a second "
@@ -121,6 +124,10 @@ def model_config(args: argparse.Namespace) -> densenet_jax.DenseNetConfig:
         overrides.update(densenet_jax.config.parse_fields(args.model))
     except ValueError as error:
         raise ValueError(f"--model {error}") from None
+    if overrides["dtype"] == "float64":
+        raise ValueError("--model dtype=float64: training computes in float32 or bfloat16 "
+                         "(--precision); float64 is the cross-check's (python -m "
+                         "densenet_jax.crosscheck --x64)")
     return densenet_jax.preset(args.preset, **overrides)
 
 
@@ -134,8 +141,10 @@ def require_positive(args: argparse.Namespace, *names: str) -> None:
 def run_config(args: argparse.Namespace) -> RunConfig:
     """The run the arguments describe; ValueError with a one-line message if invalid."""
     require_positive(args, "epochs", "batch_size")
-    if args.lr is not None and not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.keep < 0:
+        raise ValueError(f"--keep must be 0 (every epoch) or positive, got {args.keep}")
+    if args.lr is not None and not 0 < args.lr < math.inf:
+        raise ValueError(f"--lr must be positive and finite, got {args.lr}")
     if args.limit_train is not None and args.limit_train <= 0:
         raise ValueError(f"--limit-train must be positive, got {args.limit_train}")
     if args.validation < 0:
@@ -250,7 +259,8 @@ def main(argv=None) -> int:
             initialize_distributed()
             print(f"loading Fashion-MNIST ({args.data_source})", flush=True)
             splits = data.load(run.data)
-            history = fit(run, splits, workdir, resume=args.resume, overwrite=args.overwrite)
+            history = fit(run, splits, workdir, resume=args.resume, overwrite=args.overwrite,
+                          keep=args.keep or None)
     except KeyboardInterrupt:
         print(f"\n{interrupted_message(workdir)}", file=sys.stderr)
         return 130

@@ -84,9 +84,23 @@ def _cut(order: jax.Array, batch_size: int) -> list[jax.Array]:
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+def training_batch_sizes(num_examples: int, batch_size: int) -> list[int]:
+    """The sizes of an epoch's training batches: full ones, then the rest, except that a
+    rest of one example joins the batch before it (BatchNorm cannot train on a batch of
+    one when the last feature map is 1×1, as at 32×32)."""
+    full, rest = divmod(num_examples, batch_size)
+    sizes = [batch_size] * full + ([rest] if rest else [])
+    if rest == 1 and full:
+        sizes[-2:] = [batch_size + 1]
+    return sizes
+
+
 def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> list[jax.Array]:
-    """The training order of one epoch: a fresh permutation, cut into batches."""
-    return _cut(jax.random.permutation(key, num_examples), batch_size)
+    """The training order of one epoch: a fresh permutation, cut into batches of
+    `training_batch_sizes`."""
+    order = jax.random.permutation(key, num_examples)
+    starts = np.cumsum([0, *training_batch_sizes(num_examples, batch_size)])
+    return [order[start:end] for start, end in zip(starts[:-1], starts[1:])]
 
 
 def sequential_batches(num_examples: int, batch_size: int, mesh) -> list[jax.Array]:
