@@ -164,6 +164,44 @@ def test_evaluating_a_checkpoint_whose_arrays_changed_is_one_line(two_epochs, tm
     assert load_run(workdir, epoch=1)[2] == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["train.evaluate", "train.export"])
+def test_tools_on_a_damaged_checkpoint_say_so_in_one_line(two_epochs, tmp_path, tool):
+    """As users run them: orbax's reads left in flight end after the error, at exit."""
+    workdir = copy_run(two_epochs, tmp_path)
+    for data in (workdir / "checkpoints" / "2" / "state").glob("ocdbt.process_*/d"):
+        shutil.rmtree(data)
+    done = subprocess.run([sys.executable, "-m", tool, "--workdir", str(workdir), "--out",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: checkpoint {workdir.absolute()}/checkpoints/2 does "
+                                  f"not restore (")
+    assert done.stderr.endswith("; pass --epoch 1 for the one before\n")
+    assert done.stderr.count("\n") == 1, done.stderr[:3000]
+
+
+def test_only_orbax_s_late_callbacks_go_unprinted(capsys, monkeypatch):
+    from train.checkpoint import ignore_late_callbacks
+
+    class Failing:
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    ignore_late_callbacks()
+    Failing(RuntimeError("Event loop is closed"))
+    assert capsys.readouterr().err == ""
+    Failing(ValueError("a real problem"))
+    assert "ValueError: a real problem" in capsys.readouterr().err
+    sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_workdir_in_use_by_a_run_is_refused(data_dir, tmp_path, capsys):
     from train.checkpoint import hold
     with hold(tmp_path):  # as a trainer holds it for the whole run

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -185,8 +186,11 @@ def load_run(workdir: Path, epoch: int | None = None) -> tuple[RunConfig, TrainS
         except CheckpointError:
             raise
         except Exception as error:  # noqa: BLE001 (orbax, tensorstore, JSON: all mean damaged)
+            before = [e for e in epochs if e < epoch]
+            other = (f"; pass --epoch {before[-1]} for the one before" if before else
+                     "; no earlier epoch is saved")
             raise CheckpointError(f"checkpoint {mngr.directory / str(epoch)} does not restore "
-                                  f"({_first_line(error)})") from None
+                                  f"({_first_line(error)}){other}") from None
     return run, state, epoch, history
 
 
@@ -209,6 +213,7 @@ def with_epochs(saved: dict, run_fields: dict) -> dict:
 
 def _restore_epoch(mngr: ocp.CheckpointManager, epoch: int, state: TrainState,
                    run_fields: dict) -> tuple[TrainState, int, jax.Array, list[dict]]:
+    ignore_late_callbacks()  # a damaged checkpoint's reads end after the error is raised
     meta = mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     require_same_run(without_computation_fields(meta["config"]), run_fields,
                      f"the checkpoint in {mngr.directory}")
@@ -239,6 +244,39 @@ def digest(tree) -> str:
         sha.update(f"{jax.tree_util.keystr(path)}:{array.dtype}{array.shape}".encode())
         sha.update(np.ascontiguousarray(array).tobytes())
     return sha.hexdigest()
+
+
+# What orbax's reads and writes, left in flight by a failed restore or save (or by an
+# interpreter shutting down), raise when they complete after its event loop has closed.
+_LATE_CALLBACK_ERRORS = ("Event loop is closed",
+                         "cannot schedule new futures after interpreter shutdown")
+
+
+def ignore_late_callbacks() -> None:
+    """From now on in this process, leave unprinted what orbax's reads and writes left in
+    flight by a failed restore or save raise when they end later: errors of callbacks
+    into its closed event loop (`_LATE_CALLBACK_ERRORS`) and of its abandoned coroutines.
+    Python would print each as a traceback after the one line that says what failed;
+    everything else is printed as before."""
+    if getattr(sys.unraisablehook, "ignores_late_callbacks", False):
+        return
+    unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
+
+    def late(error: BaseException | None, source=None) -> bool:
+        code = getattr(source, "cr_code", None)
+        return ((isinstance(error, RuntimeError) and str(error) in _LATE_CALLBACK_ERRORS)
+                or (code is not None and "orbax" in code.co_filename))
+
+    def on_unraisable(unraisable) -> None:
+        if not late(unraisable.exc_value, unraisable.object):
+            unraisable_hook(unraisable)
+
+    def on_uncaught(kind, error, traceback) -> None:  # tensorstore's callbacks print so
+        if not late(error):
+            except_hook(kind, error, traceback)
+
+    on_unraisable.ignores_late_callbacks = True
+    sys.unraisablehook, sys.excepthook = on_unraisable, on_uncaught
 
 
 @contextlib.contextmanager
