@@ -202,6 +202,47 @@ def test_only_orbax_s_late_callbacks_go_unprinted(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_written_is_one_line(data_dir, tmp_path):
+    """Files may grow to 12 kB only (RLIMIT_FSIZE), less than the tiny network's arrays: each
+    write past it fails (EFBIG) as on a full disk, deep in orbax's writer threads."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, 12_000))
+
+    workdir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "train.main", "--data-dir", str(data_dir), "--workdir",
+         str(workdir), *QUICK, "--epochs", "2"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300, preexec_fn=limit_file_size)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: could not save epoch 1's checkpoint in "
+                                  f"{workdir}/checkpoints (")
+    assert done.stderr.endswith("); no epoch is saved yet; make room or fix the folder, then "
+                                "start again\n")
+    assert done.stderr.count("\n") == 1, done.stderr[:3000]
+    assert list((workdir / "checkpoints").iterdir()) == []  # the partial one removed
+
+
+def test_a_run_file_that_cannot_be_written_is_one_line(data_dir, tmp_path, capsys, monkeypatch):
+    from train import outputs
+
+    write_metrics = outputs.write_metrics
+
+    def full(workdir, history):  # the disk fills up after epoch 1's checkpoint
+        if history:
+            raise OSError(28, "No space left on device", str(tmp_path / "metrics.jsonl"))
+        write_metrics(workdir, history)
+
+    monkeypatch.setattr(outputs, "write_metrics", full)
+    assert run_cli(data_dir, tmp_path, "--epochs", "2") == 1
+    assert one_error_line(capsys) == (
+        f"error: cannot write {tmp_path / 'metrics.jsonl'} (No space left on device); epochs "
+        f"up to 1 are saved in {tmp_path / 'checkpoints'}; make room or fix the folder, then "
+        f"continue with --resume\n")
+
+
 def test_a_workdir_in_use_by_a_run_is_refused(data_dir, tmp_path, capsys):
     from train.checkpoint import hold
     with hold(tmp_path):  # as a trainer holds it for the whole run
@@ -354,6 +395,38 @@ def test_sigterm_saves_the_last_epoch_and_says_how_to_resume(data_dir, tmp_path)
         "continue with the same command plus --resume")
     saved = int(last.split("epochs up to ")[1].split()[0])
     assert saved >= 1 and (workdir / "checkpoints" / str(saved)).is_dir()
+
+
+# `python -m train.main ARGS...` that sends itself SIGNAL DELAY seconds after epoch 2's
+# checkpoint begins to be written, while orbax's writers are busy.
+SIGNAL_DURING_SAVE = """
+import os, runpy, signal, sys, threading
+import orbax.checkpoint as ocp
+which, delay = getattr(signal, sys.argv.pop(1)), float(sys.argv.pop(1))
+save = ocp.CheckpointManager.save
+
+def save_and_signal(self, step, *args, **kwargs):
+    if step == 2:
+        threading.Timer(delay, os.kill, (os.getpid(), which)).start()
+    return save(self, step, *args, **kwargs)
+
+ocp.CheckpointManager.save = save_and_signal
+runpy.run_module("train.main", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_checkpoint_save_is_one_line(data_dir, tmp_path, which):
+    workdir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_DURING_SAVE, which, "0.05", "--data-dir", str(data_dir),
+         "--workdir", str(workdir), *QUICK, "--epochs", "3"], cwd=ROOT, capture_output=True,
+        text=True, timeout=300)
+    assert done.returncode == 130
+    last = done.stderr.strip()
+    assert re.fullmatch(rf"interrupted: epochs up to [12] are saved in {workdir}/checkpoints; "
+                        rf"continue with the same command plus --resume", last), done.stderr[:3000]
 
 
 @pytest.mark.slow

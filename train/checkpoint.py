@@ -11,6 +11,8 @@ import logging
 import os
 import shutil
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 import jax
@@ -123,9 +125,33 @@ def save(mngr: ocp.CheckpointManager, epoch: int, state: TrainState, key: jax.Ar
     tree = checkpoint_tree(state)
     meta = {"epoch": epoch, "history": history, "config": run_fields,
             "key": jax.random.key_data(key).tolist(), "digest": digest(tree)}
-    mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                             meta=ocp.args.JsonSave(meta)))
-    mngr.wait_until_finished()
+    ignore_late_callbacks()  # a failed save's writes end after the error is raised
+    try:
+        with _quiet("absl"):  # orbax logs a failed write once per thread; this says it once
+            mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                     meta=ocp.args.JsonSave(meta)))
+            mngr.wait_until_finished()
+    except Exception as error:  # noqa: BLE001 (orbax, tensorstore, OS: all mean not saved)
+        for partial in Path(mngr.directory).glob(f"{epoch}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)  # it would hold the space
+        raise CheckpointError(save_failure(epoch, error, Path(mngr.directory))) from None
+    except BaseException:  # Ctrl-C or SIGTERM mid-save: the process ends as its writers fail
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
+        raise
+
+
+def save_failure(epoch: int, error: BaseException, folder: Path) -> str:
+    """One line: which checkpoint could not be written and why, what is saved, what to do."""
+    text = str(error)
+    why = ("the disk is full" if "No space left" in text or "os_error_code='28'" in text
+           else "permission denied" if "Permission denied" in text or "os_error_code='13'" in text
+           else _first_line(error))
+    epochs = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if \
+        folder.is_dir() else []
+    then = (f"epochs up to {epochs[-1]} are saved there; make room or fix the folder, then "
+            f"continue with the same command plus --resume" if epochs else
+            "no epoch is saved yet; make room or fix the folder, then start again")
+    return f"could not save epoch {epoch}'s checkpoint in {folder} ({why}); {then}"
 
 
 def restore(mngr: ocp.CheckpointManager, state: TrainState, run_fields: dict, log=print
@@ -248,14 +274,15 @@ def digest(tree) -> str:
 
 # What orbax's reads and writes, left in flight by a failed restore or save (or by an
 # interpreter shutting down), raise when they complete after its event loop has closed.
-_LATE_CALLBACK_ERRORS = ("Event loop is closed",
+_LATE_CALLBACK_ERRORS = ("Event loop is closed", "cannot schedule new futures after shutdown",
                          "cannot schedule new futures after interpreter shutdown")
 
 
 def ignore_late_callbacks() -> None:
     """From now on in this process, leave unprinted what orbax's reads and writes left in
-    flight by a failed restore or save raise when they end later: errors of callbacks
-    into its closed event loop (`_LATE_CALLBACK_ERRORS`) and of its abandoned coroutines.
+    flight by a failed or interrupted restore or save raise when they end later: errors of
+    callbacks into its closed event loop (`_LATE_CALLBACK_ERRORS`), of its abandoned
+    coroutines, and the warnings about those never awaited.
     Python would print each as a traceback after the one line that says what failed;
     everything else is printed as before."""
     if getattr(sys.unraisablehook, "ignores_late_callbacks", False):
@@ -275,8 +302,20 @@ def ignore_late_callbacks() -> None:
         if not late(error):
             except_hook(kind, error, traceback)
 
+    def on_thread_error(args) -> None:  # orbax's writer threads at shutdown
+        if not late(args.exc_value):
+            thread_hook(args)
+
     on_unraisable.ignores_late_callbacks = True
+    # The coroutines and tasks of a failed or interrupted restore or save, collected later.
+    # This project has none of its own.
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                            category=RuntimeWarning)
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "exception was never retrieved" not in record.getMessage())
+    thread_hook = threading.excepthook
     sys.unraisablehook, sys.excepthook = on_unraisable, on_uncaught
+    threading.excepthook = on_thread_error
 
 
 @contextlib.contextmanager

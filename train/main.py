@@ -237,6 +237,11 @@ def failure_message(error: Exception, args: argparse.Namespace, workdir: Path) -
         return f"this process lost contact with the others of the run ({first}); {again}"
     if isinstance(error, (ValueError, data.DataError, CheckpointError, NonFiniteLossError)):
         return str(error)
+    if isinstance(error, OSError):  # the run's files (metrics, plot) could not be written
+        kept = saved(workdir)
+        return (f"cannot write {error.filename or workdir} ({error.strerror or error}); "
+                + (f"{kept}; make room or fix the folder, then continue with --resume" if kept
+                   else "no epoch is saved; make room or fix the folder, then start again"))
     if out_of_memory(error):
         kept = saved(workdir)
         return (f"out of memory at --batch-size {args.batch_size}, --resize {args.resize}; "
