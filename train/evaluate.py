@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -133,15 +134,20 @@ def class_table(confusion: np.ndarray, names) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     workdir = Path(args.workdir)
+    say = functools.partial(print, flush=True)  # each phase can take a while on a CPU
     try:
+        say(f"loading {f'epoch {args.epoch}' if args.epoch else 'the last epoch'} of {workdir}")
         run, state, epoch, history = load_run(workdir, args.epoch)
         run, state = evaluated_as(run, state, args.ema, args.flip)
         source = dataclasses.replace(run.data, data_dir=args.data_dir or run.data.data_dir)
+        say(f"loading Fashion-MNIST ({source.source})")
         split = split_of(run, data.load(source), args.split)
         mesh = data_mesh()
         variables = replicate(state.eval_variables, mesh)
+        say("compiling the eval step")
         evaluation = Evaluation.prepare(split, variables, run.model, run.train.resize,
                                         run.recipe.test_flip, run.train.batch_size, mesh)
+        say(f"evaluating {len(split):,} {args.split} images")
         confusion = evaluation.confusion(variables)
     except (CheckpointError, data.DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
