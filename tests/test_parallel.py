@@ -3,6 +3,7 @@ processes joined by jax.distributed (CPU collectives over 127.0.0.1) train alike
 run whose peers never join or stop mid-run ends in one line per process.
 Each run is a fresh process: the device count and jax.distributed are fixed at start-up."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -207,3 +208,31 @@ def test_a_peer_killed_mid_run_ends_both_in_one_line_each(data_dir, tmp_path):
                                                  f"SIGKILL; {saved}")
     assert "Check failure" not in lead_err + peer_err
     assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_two_process_run_as_it_ends_one(data_dir, tmp_path):
+    """SIGTERM to process 0 (as a scheduler sends it) once epoch 1 is saved: it says how to
+    resume, and process 1, left alone, says it lost its peer and what is saved; both stop."""
+    port = free_port()
+    args = ["-m", "train.main", "--data-dir", str(data_dir), "--workdir", str(tmp_path / "run"),
+            "--resize", "32", "--limit-train", "512", "--batch-size", "128", "--epochs", "50",
+            *TINY]
+    lead, peer = [start(args, {**distributed_env(1, port, i), "PYTHONUNBUFFERED": "1"})
+                  for i in (0, 1)]
+    for line in lead.stdout:
+        if line.startswith("epoch 1/50"):
+            lead.send_signal(signal.SIGTERM)
+            break
+    _, lead_err = lead.communicate(timeout=120)
+    _, peer_err = peer.communicate(timeout=120)
+    assert lead.returncode == 130, lead_err
+    last = lead_err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"interrupted: epochs up to \d+ are saved in {tmp_path / 'run'}/"
+                        rf"checkpoints; continue with the same command plus --resume", last)
+    assert "preemption" not in lead_err + peer_err
+    assert peer.returncode == 1, peer_err
+    assert peer_err.strip().splitlines()[-1].startswith(
+        "error: this process lost contact with the others of the run")
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+

@@ -51,6 +51,9 @@ def initialize_distributed(environ=os.environ, log=print) -> bool:
         f"(${JOIN_TIMEOUT_VAR} sets the wait)", flush=True)
     if counts.get("process_id", 0) > 0:
         wait_for_coordinator(host, port, timeout)
+    # JAX's preemption notifier would take SIGTERM for itself (and training would run on):
+    # a SIGTERM ends a multi-process run as it ends a one-process run (train.main).
+    jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(**counts, initialization_timeout=timeout)
     except RuntimeError as error:  # the coordinator's gRPC status, several lines long
