@@ -136,6 +136,19 @@ def test_bad_distributed_environment_is_named(env, message):
     assert initialize_distributed({}) is False
 
 
+def test_a_coordinator_port_in_use_is_one_line():
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"^JAX_COORDINATOR_ADDRESS=127.0.0.1:{port}: port "
+                           rf"{port} is in use here \(Address already in use\), by another "
+                           rf"program or another run; choose a free port"):
+            initialize_distributed({"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                    "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
+                                   log=lambda *args, **kwargs: None)
+
+
 def test_a_coordinator_that_never_comes_is_one_line_after_the_timeout(capsys):
     """Process 1 waits for process 0, which never starts: it says so at once, then fails
     in one line after DENSENET_JAX_JOIN_TIMEOUT (JAX itself would abort with a C++ stack)."""

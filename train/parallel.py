@@ -51,6 +51,8 @@ def initialize_distributed(environ=os.environ, log=print) -> bool:
         f"(${JOIN_TIMEOUT_VAR} sets the wait)", flush=True)
     if counts.get("process_id", 0) > 0:
         wait_for_coordinator(host, port, timeout)
+    elif "process_id" in counts:
+        require_free_port(address, port)
     # JAX's preemption notifier would take SIGTERM for itself (and training would run on):
     # a SIGTERM ends a multi-process run as it ends a one-process run (train.main).
     jax.config.update("jax_enable_preemption_service", False)
@@ -76,6 +78,19 @@ def coordinator(address: str) -> tuple[str, int]:
         raise ValueError(f"JAX_COORDINATOR_ADDRESS={address}: host {host!r} is unknown "
                          f"({error.strerror or error}); check the name of process 0's machine") from None
     return host.strip("[]"), int(port)
+
+
+def require_free_port(address: str, port: int) -> None:
+    """ValueError, in one line, when another program listens on `port` here, where process 0
+    is to start the coordinator (JAX's runtime would end the process with a crash)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS={address}: port {port} is in use here "
+                             f"({error.strerror}), by another program or another run; choose "
+                             f"a free port for every process of this run") from None
 
 
 def join_timeout(environ=os.environ) -> int:
