@@ -194,17 +194,23 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def start_long_run(data_dir, workdir: Path) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of a 50-epoch two-process CLI run of the tiny network (stdout
+    unbuffered, to act once an epoch is reported)."""
+    port = free_port()
+    args = ["-m", "train.main", "--data-dir", str(data_dir), "--workdir", str(workdir),
+            "--resize", "32", "--limit-train", "512", "--batch-size", "128", "--epochs", "50",
+            *TINY]
+    return [start(args, {**distributed_env(1, port, i), "PYTHONUNBUFFERED": "1"})
+            for i in (0, 1)]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_peer_killed_mid_run_ends_both_in_one_line_each(data_dir, tmp_path):
     """Process 1's training is killed once epoch 1 is saved: process 0 says at once that it
     lost contact and what is saved (JAX would wait for the heartbeat, then abort), and
     process 1's watcher says what stopped it. Exit 1 both, checkpoints kept."""
-    port = free_port()
-    args = ["-m", "train.main", "--data-dir", str(data_dir), "--workdir", str(tmp_path / "run"),
-            "--resize", "32", "--limit-train", "512", "--batch-size", "128", "--epochs", "50",
-            *TINY]
-    lead, peer = [start(args, {**distributed_env(1, port, i), "PYTHONUNBUFFERED": "1"})
-                  for i in (0, 1)]
+    lead, peer = start_long_run(data_dir, tmp_path / "run")
     for line in lead.stdout:
         if line.startswith("epoch 1/50"):
             [training] = children(peer.pid)
@@ -227,12 +233,7 @@ def test_a_peer_killed_mid_run_ends_both_in_one_line_each(data_dir, tmp_path):
 def test_sigterm_ends_a_two_process_run_as_it_ends_one(data_dir, tmp_path):
     """SIGTERM to process 0 (as a scheduler sends it) once epoch 1 is saved: it says how to
     resume, and process 1, left alone, says it lost its peer and what is saved; both stop."""
-    port = free_port()
-    args = ["-m", "train.main", "--data-dir", str(data_dir), "--workdir", str(tmp_path / "run"),
-            "--resize", "32", "--limit-train", "512", "--batch-size", "128", "--epochs", "50",
-            *TINY]
-    lead, peer = [start(args, {**distributed_env(1, port, i), "PYTHONUNBUFFERED": "1"})
-                  for i in (0, 1)]
+    lead, peer = start_long_run(data_dir, tmp_path / "run")
     for line in lead.stdout:
         if line.startswith("epoch 1/50"):
             lead.send_signal(signal.SIGTERM)
