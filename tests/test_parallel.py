@@ -194,15 +194,18 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def long_run(data_dir, workdir: Path, port: int, process: int) -> tuple[list[str], dict]:
+    """Arguments and environment of process `process` of a 50-epoch two-process CLI run of
+    the tiny network (stdout unbuffered, to act once an epoch is reported)."""
+    return (["-m", "train.main", "--data-dir", str(data_dir), "--workdir", str(workdir),
+             "--resize", "32", "--limit-train", "512", "--batch-size", "128", "--epochs", "50",
+             *TINY], {**distributed_env(1, port, process), "PYTHONUNBUFFERED": "1"})
+
+
 def start_long_run(data_dir, workdir: Path) -> list[subprocess.Popen]:
-    """Processes 0 and 1 of a 50-epoch two-process CLI run of the tiny network (stdout
-    unbuffered, to act once an epoch is reported)."""
+    """Processes 0 and 1 of a `long_run`."""
     port = free_port()
-    args = ["-m", "train.main", "--data-dir", str(data_dir), "--workdir", str(workdir),
-            "--resize", "32", "--limit-train", "512", "--batch-size", "128", "--epochs", "50",
-            *TINY]
-    return [start(args, {**distributed_env(1, port, i), "PYTHONUNBUFFERED": "1"})
-            for i in (0, 1)]
+    return [start(*long_run(data_dir, workdir, port, i)) for i in (0, 1)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -249,4 +252,28 @@ def test_sigterm_ends_a_two_process_run_as_it_ends_one(data_dir, tmp_path):
     assert peer_err.strip().splitlines()[-1].startswith(
         "error: this process lost contact with the others of the run")
     assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+
+
+@pytest.mark.slow
+def test_a_process_started_again_on_a_live_run_is_refused_and_the_run_goes_on(data_dir,
+                                                                               tmp_path):
+    """Process 1's command run a second time while the run lives: it must not join the
+    coordinator (JAX's service would take it for process 1 restarted and stop the run)."""
+    port = free_port()
+    lead, peer = [start(*long_run(data_dir, tmp_path / "run", port, i)) for i in (0, 1)]
+    for line in lead.stdout:
+        if line.startswith("epoch 1/50"):
+            break
+    args, env = long_run(data_dir, tmp_path / "run", port, 1)
+    again = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    going_on = next(line for line in lead.stdout if line.startswith("epoch "))
+    lead.send_signal(signal.SIGTERM)
+    lead.communicate(timeout=120)
+    peer.communicate(timeout=120)
+    assert again.returncode == 1
+    assert again.stderr.startswith(f"error: {tmp_path / 'run'} is in use by another training "
+                                   f"run (process "), again.stderr
+    assert again.stderr.count("\n") == 1
+    assert going_on and lead.returncode == 130  # ended by the SIGTERM, not by a lost peer
 

@@ -206,16 +206,13 @@ def test_only_orbax_s_late_callbacks_go_unprinted(capsys, monkeypatch):
 def test_a_checkpoint_that_cannot_be_written_is_one_line(data_dir, tmp_path):
     """Files may grow to 12 kB only (RLIMIT_FSIZE), less than the tiny network's arrays: each
     write past it fails (EFBIG) as on a full disk, deep in orbax's writer threads."""
-    import resource
-
-    def limit_file_size():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, 12_000))
-
+    limited = ("import resource, runpy\n"
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, 12_000))\n"
+               "runpy.run_module('train.main', run_name='__main__', alter_sys=True)")
     workdir = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "train.main", "--data-dir", str(data_dir), "--workdir",
-         str(workdir), *QUICK, "--epochs", "2"], cwd=ROOT, capture_output=True, text=True,
-        timeout=300, preexec_fn=limit_file_size)
+        [sys.executable, "-c", limited, "--data-dir", str(data_dir), "--workdir", str(workdir),
+         *QUICK, "--epochs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert done.stderr.startswith(f"error: could not save epoch 1's checkpoint in "
                                   f"{workdir}/checkpoints (")
@@ -244,10 +241,18 @@ def test_a_run_file_that_cannot_be_written_is_one_line(data_dir, tmp_path, capsy
 
 
 def test_a_workdir_in_use_by_a_run_is_refused(data_dir, tmp_path, capsys):
-    from train.checkpoint import hold
-    with hold(tmp_path):  # as a trainer holds it for the whole run
+    # Another process holds it, as a trainer does for its whole run.
+    code = ("import sys, time; from pathlib import Path; from train.checkpoint import hold\n"
+            "with hold(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(300)")
+    other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline() == "held\n"
         assert run_cli(data_dir, tmp_path, "--epochs", "1") == 1
-    assert (f"error: {tmp_path} is in use by another training run (process {os.getpid()}); "
+    finally:
+        other.kill()
+        other.wait()
+    assert (f"error: {tmp_path} is in use by another training run (process {other.pid}); "
             f"wait for it to end, or choose another --workdir") in one_error_line(capsys)
     assert not (tmp_path / "checkpoints").exists()
 
@@ -402,7 +407,8 @@ def test_sigterm_saves_the_last_epoch_and_says_how_to_resume(data_dir, tmp_path)
 SIGNAL_DURING_SAVE = """
 import os, runpy, signal, sys, threading
 import orbax.checkpoint as ocp
-which, delay = getattr(signal, sys.argv.pop(1)), float(sys.argv.pop(1))
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal: a background
+which, delay = getattr(signal, sys.argv.pop(1)), float(sys.argv.pop(1))  # job ignores it
 save = ocp.CheckpointManager.save
 
 def save_and_signal(self, step, *args, **kwargs):

@@ -33,14 +33,21 @@ class DamagedCheckpointError(Exception):
     """A checkpoint whose arrays are not the ones saved."""
 
 
+_HELD: set[Path] = set()  # the lock files this process holds
+
+
 @contextlib.contextmanager
-def hold(workdir: Path):
+def hold(workdir: Path, process: int | None = None):
     """`workdir` held by this process for the length of a run, so that a second trainer
     started on it is refused in one line (CheckpointError) instead of mixing two runs.
-    An OS lock (flock) on workdir/.lock-P, P this process's index in its run: the OS
-    releases it when the process ends, however it ends, so a killed run leaves nothing
-    stuck, and every process of a second multi-process run is refused alike."""
-    path = workdir / f".lock-{jax.process_index()}"
+    An OS lock (flock) on workdir/.lock-P, P the process's index in its run (`process`, by
+    default jax.process_index()): the OS releases it when the process ends, however it
+    ends, so a killed run leaves nothing stuck, and every process of a second multi-process
+    run is refused alike. Holding it again inside the first hold does nothing."""
+    path = (workdir / f".lock-{jax.process_index() if process is None else process}").absolute()
+    if path in _HELD:
+        yield
+        return
     with open(path, "a+") as file:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -54,9 +61,11 @@ def hold(workdir: Path):
         file.truncate(0)
         file.write(str(os.getpid()))
         file.flush()
+        _HELD.add(path)
         try:
             yield
         finally:
+            _HELD.discard(path)
             fcntl.flock(file, fcntl.LOCK_UN)
 
 

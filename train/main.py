@@ -25,11 +25,11 @@ import jax
 import densenet_jax
 from train import data, supervise
 from train.build import use_compilation_cache
-from train.checkpoint import CheckpointError, require_run, saved_epochs
+from train.checkpoint import CheckpointError, hold, require_run, saved_epochs
 from train.config import RECIPES, RecipeConfig, RunConfig, TrainConfig
 from train.host import configure_host
 from train.loop import NonFiniteLossError, fit, summary
-from train.parallel import initialize_distributed
+from train.parallel import initialize_distributed, process_index_before_joining
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 MAX_SEED = 2**32 - 1  # JAX's default PRNG keeps 32 bits of a seed: larger ones would collide
@@ -261,11 +261,15 @@ def main(argv=None) -> int:
             if args.compilation_cache:
                 check_folder(Path(args.compilation_cache), "--compilation-cache")
             use_compilation_cache(args.compilation_cache)
-            initialize_distributed()
-            print(f"loading Fashion-MNIST ({args.data_source})", flush=True)
-            splits = data.load(run.data)
-            history = fit(run, splits, workdir, resume=args.resume, overwrite=args.overwrite,
-                          keep=args.keep or None)
+            # Held before joining, where this process's index is known: a process started
+            # by mistake on a live run's workdir and coordinator must not join (and stop) it.
+            index = process_index_before_joining()
+            with contextlib.nullcontext() if index is None else hold(workdir, index):
+                initialize_distributed()
+                print(f"loading Fashion-MNIST ({args.data_source})", flush=True)
+                splits = data.load(run.data)
+                history = fit(run, splits, workdir, resume=args.resume,
+                              overwrite=args.overwrite, keep=args.keep or None)
     except KeyboardInterrupt:
         print(f"\n{interrupted_message(workdir)}", file=sys.stderr)
         return 130

@@ -65,6 +65,16 @@ def initialize_distributed(environ=os.environ, log=print) -> bool:
     return True
 
 
+def process_index_before_joining(environ=os.environ) -> int | None:
+    """This process's index in its run, where it is known before joining: 0 without
+    JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID where it is set, else None (a cluster's
+    settings, which JAX reads when it joins)."""
+    if not environ.get("JAX_COORDINATOR_ADDRESS"):
+        return 0
+    value = environ.get("JAX_PROCESS_ID", "")
+    return int(value) if value.isdigit() else None
+
+
 def coordinator(address: str) -> tuple[str, int]:
     """(host, port) of a JAX_COORDINATOR_ADDRESS; ValueError, in one line, unless it is
     host:port with a port in 1..65535 and a host that resolves."""
