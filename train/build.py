@@ -109,13 +109,6 @@ def compile_eval_step(model: densenet_jax.DenseNetConfig, resize: int, flip: boo
         batch_sizes, mesh)
 
 
-def epoch_batch_sizes(num_examples: int, batch_size: int) -> set[int]:
-    """The batch sizes an epoch of `num_examples` cut into `batch_size` uses: the full one
-    and, where it does not divide, the last partial one."""
-    full = min(batch_size, num_examples)
-    return {full, num_examples % full or full}
-
-
 def _memory_bytes(compiled: jax.stages.Compiled) -> int:
     memory = compiled.memory_analysis()
     return (memory.temp_size_in_bytes + memory.argument_size_in_bytes

@@ -155,8 +155,7 @@ def save_failure(epoch: int, error: BaseException, folder: Path) -> str:
     why = ("the disk is full" if "No space left" in text or "os_error_code='28'" in text
            else "permission denied" if "Permission denied" in text or "os_error_code='13'" in text
            else _first_line(error))
-    epochs = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if \
-        folder.is_dir() else []
+    epochs = saved_epochs(folder.parent)
     then = (f"epochs up to {epochs[-1]} are saved there; make room or fix the folder, then "
             f"continue with the same command plus --resume" if epochs else
             "no epoch is saved yet; make room or fix the folder, then start again")

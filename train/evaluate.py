@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 import densenet_jax
 from train import data
-from train.build import Compiled, compile_eval_step, epoch_batch_sizes
+from train.build import Compiled, compile_eval_step
 from train.checkpoint import CheckpointError, load_run
 from train.config import RunConfig
 from train.host import configure_host
@@ -52,10 +52,10 @@ class Evaluation:
         (`flip`: test-time flip) with variables shaped as `variables`."""
         images, labels = replicate((split.images, split.labels), mesh)
         confusion = replicate(np.zeros((model.num_classes,) * 2, np.int32), mesh)
+        batches = sequential_batches(len(split), batch_size, mesh)
         step = compile_eval_step(model, resize, flip, mesh, variables, confusion, images,
-                                 labels, epoch_batch_sizes(len(split), batch_size))
-        return cls(images, labels, sequential_batches(len(split), batch_size, mesh), step,
-                   model.num_classes, mesh)
+                                 labels, {len(indices) for indices in batches})
+        return cls(images, labels, batches, step, model.num_classes, mesh)
 
     def confusion(self, variables: dict) -> np.ndarray:
         """(true class, predicted class) counts over the split, in evaluation mode

@@ -70,7 +70,7 @@ def train(run: RunConfig, config: StepConfig, train_split: Split, evaluated: dic
           mesh: Mesh, log, lead: bool) -> None:
     """Compile the steps, then train from the epoch after `history`'s last to the run's
     last, evaluating, saving and recording (into `history` too) after each."""
-    if len(train_split) % run.train.batch_size == 1 and len(train_split) > run.train.batch_size:
+    if training_batch_sizes(len(train_split), run.train.batch_size)[-1] > run.train.batch_size:
         log(f"the last batch of each epoch would hold 1 example, which BatchNorm cannot train "
             f"on: it joins the batch before ({run.train.batch_size + 1} examples)")
     log("compiling the train and eval steps")
