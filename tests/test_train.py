@@ -17,7 +17,7 @@ from train import main as cli
 from train.build import initial_state, step_config
 from train.checkpoint import CheckpointError, with_epochs
 from train.config import RECIPES, RunConfig, without_computation_fields
-from train.data import split_for_validation
+from train.datasets import split_for_validation
 from train.loop import accuracies, fit, load_initial_weights
 from train.outputs import SCALARS
 from train.steps import StepConfig

@@ -17,6 +17,7 @@ import argparse
 import functools
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -57,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--end-to-end", action="store_true",
                         help="one epoch of train.main (data pipeline included) instead")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder, for --end-to-end")
+    parser.add_argument("--input", default="device", choices=data.INPUTS,
+                        help="--end-to-end: hold the splits on the devices, or stream them "
+                             "(train.stream)")
     return parser.parse_args(argv)
 
 
@@ -256,7 +260,7 @@ def print_report(rates: dict[str, list[float]], median: dict[str, float], result
 def end_to_end_benchmark(args, config) -> dict:
     run = RunConfig(model=config, recipe=RECIPES["d2l"],
                     train=TrainConfig(epochs=1, batch_size=args.batch, resize=args.resize),
-                    data=data.DataConfig(data_dir=args.data_dir))
+                    data=data.DataConfig(data_dir=args.data_dir, input=args.input))
     splits = data.load(run.data)
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
@@ -265,7 +269,10 @@ def end_to_end_benchmark(args, config) -> dict:
     rate = history[-1]["examples_per_sec"]
     print(f"one epoch: {rate:.1f} examples/sec in the training steps, {wall:.1f} s wall "
           f"(compilation, evaluation and checkpoint included)")
-    return {"jax_examples_per_sec": rate, "epoch_wall_seconds": wall}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print(f"peak resident memory of this process: {peak:,.0f} MiB")
+    return {"jax_examples_per_sec": rate, "epoch_wall_seconds": wall, "input": args.input,
+            "peak_rss_mib": peak}
 
 
 def main(argv=None) -> int:

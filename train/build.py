@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import densenet_jax
 from train.config import RunConfig
+from train.parallel import batch_sharding
 from train.steps import (StepConfig, TrainState, create_train_state, eval_step,
                          init_variables, initial_variables, train_step)
 
@@ -38,7 +39,8 @@ def step_config(run: RunConfig, num_train: int) -> StepConfig:
     """The train step's configuration for `run` over `num_train` examples per epoch."""
     return StepConfig(model=run.model, recipe=run.recipe, resize=run.train.resize,
                       schedule_steps=(math.ceil(num_train / run.train.batch_size),
-                                      run.train.epochs))
+                                      run.train.epochs),
+                      normalize=run.data.normalize)
 
 
 def learning_rate(run: RunConfig) -> np.ndarray:
@@ -74,39 +76,55 @@ class Compiled:
     memory_bytes: int
 
     def __call__(self, *args):
-        """The step for the batch size of `args`' indices (the fifth argument)."""
-        return self.steps[args[4].shape[0]](*args)
+        """The step for the batch size of `args`: of its indices (the fifth argument), or
+        where those are None, of its images (the third)."""
+        return self.steps[(args[2] if args[4] is None else args[4]).shape[0]](*args)
 
 
-def compile_for_batches(lower: Callable[[jax.ShapeDtypeStruct], jax.stages.Lowered],
-                        batch_sizes, mesh: Mesh) -> Compiled:
-    """`lower(indices)` compiled for replicated int32 indices of each batch size."""
+def batch_arguments(size: int, images, labels, mesh: Mesh, streamed: bool) -> tuple:
+    """The (images, labels, indices) shapes a step takes for batches of `size`: the split
+    on the devices and replicated indices, or (`streamed`) the batch itself, placed as
+    train.stream places it, and None."""
+    if not streamed:
+        return images, labels, jax.ShapeDtypeStruct((size,), jnp.int32,
+                                                    sharding=NamedSharding(mesh, P()))
+    sharding = batch_sharding(size, mesh)
+    return (jax.ShapeDtypeStruct((size, *images.shape[1:]), images.dtype, sharding=sharding),
+            jax.ShapeDtypeStruct((size,), labels.dtype, sharding=sharding), None)
+
+
+def compile_for_batches(lower: Callable[[int], jax.stages.Lowered], batch_sizes) -> Compiled:
+    """`lower(size)` compiled for each batch size."""
     start = time.perf_counter()
-    steps = {size: lower(jax.ShapeDtypeStruct((size,), jnp.int32,
-                                              sharding=NamedSharding(mesh, P()))).compile()
-             for size in sorted(set(batch_sizes))}
+    steps = {size: lower(size).compile() for size in sorted(set(batch_sizes))}
     memory = max(_memory_bytes(step) for step in steps.values())
     return Compiled(steps, time.perf_counter() - start, memory)
 
 
 def compile_train_step(config: StepConfig, mesh: Mesh, state: TrainState, metrics: dict,
                        images: jax.Array, labels: jax.Array, key: jax.Array,
-                       learning_rate: jax.Array, batch_sizes) -> Compiled:
-    """`train_step` for `config` on these arguments (arrays on `mesh`, or their shapes)."""
-    return compile_for_batches(
-        lambda indices: train_step.lower(state, metrics, images, labels, indices, key,
-                                         learning_rate, config=config, mesh=mesh),
-        batch_sizes, mesh)
+                       learning_rate: jax.Array, batch_sizes, streamed: bool = False
+                       ) -> Compiled:
+    """`train_step` for `config` on these arguments (arrays on `mesh`, or their shapes);
+    `streamed`: for batches from train.stream (`images`, `labels`: shaped as one batch)."""
+    def lower(size):
+        images_, labels_, indices = batch_arguments(size, images, labels, mesh, streamed)
+        return train_step.lower(state, metrics, images_, labels_, indices, key, learning_rate,
+                                config=config, mesh=mesh)
+    return compile_for_batches(lower, batch_sizes)
 
 
 def compile_eval_step(model: densenet_jax.DenseNetConfig, resize: int, flip: bool, mesh: Mesh,
                       variables: dict, confusion: jax.Array, images: jax.Array,
-                      labels: jax.Array, batch_sizes) -> Compiled:
-    """`eval_step` for `model` on these arguments (arrays on `mesh`, or their shapes)."""
-    return compile_for_batches(
-        lambda indices: eval_step.lower(variables, confusion, images, labels, indices,
-                                        model=model, resize=resize, flip=flip, mesh=mesh),
-        batch_sizes, mesh)
+                      labels: jax.Array, batch_sizes, normalize=None, streamed: bool = False
+                      ) -> Compiled:
+    """`eval_step` for `model` on these arguments (arrays on `mesh`, or their shapes);
+    `streamed` as in `compile_train_step`."""
+    def lower(size):
+        images_, labels_, indices = batch_arguments(size, images, labels, mesh, streamed)
+        return eval_step.lower(variables, confusion, images_, labels_, indices, model=model,
+                               resize=resize, flip=flip, mesh=mesh, normalize=normalize)
+    return compile_for_batches(lower, batch_sizes)
 
 
 def _memory_bytes(compiled: jax.stages.Compiled) -> int:

@@ -77,11 +77,17 @@ def require_run(workdir: Path, run_fields: dict) -> None:
     if not workdir.is_dir():
         raise CheckpointError(f"--resume: {workdir} does not exist; point --workdir at the "
                               f"run to continue, or start without --resume")
-    try:
-        saved = RunConfig.from_dict(json.loads((workdir / "config.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+    if (saved := saved_run(workdir)) is None:
         return  # no run's files yet (stopped while compiling): the checkpoints will say
     require_same_run(saved.result_fields(), run_fields, f"the run in {workdir}")
+
+
+def saved_run(workdir: Path) -> RunConfig | None:
+    """The run a workdir's config.json describes, or None where there is none to read."""
+    try:
+        return RunConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def require_same_run(saved: dict, run_fields: dict, what: str) -> None:
@@ -130,10 +136,14 @@ def claim(workdir: Path, resume: bool, overwrite: bool, delete: bool = True) -> 
 
 
 def save(mngr: ocp.CheckpointManager, epoch: int, state: TrainState, key: jax.Array,
-         history: list[dict], run_fields: dict) -> None:
+         history: list[dict], run_fields: dict, reader_state: dict | None = None) -> None:
+    """Epoch `epoch`'s checkpoint: the state's arrays, and beside them the epoch, the
+    history, the run's fields, the data key, the arrays' digest and, for a streamed run,
+    the input reader's position (grain's iterator state)."""
     tree = checkpoint_tree(state)
     meta = {"epoch": epoch, "history": history, "config": run_fields,
-            "key": jax.random.key_data(key).tolist(), "digest": digest(tree)}
+            "key": jax.random.key_data(key).tolist(), "digest": digest(tree),
+            "reader": reader_state}
     ignore_late_callbacks()  # a failed save's writes end after the error is raised
     try:
         with _quiet("absl"):  # orbax logs a failed write once per thread; this says it once
@@ -163,8 +173,9 @@ def save_failure(epoch: int, error: BaseException, folder: Path) -> str:
 
 
 def restore(mngr: ocp.CheckpointManager, state: TrainState, run_fields: dict, log=print
-            ) -> tuple[TrainState, int, jax.Array, list[dict]]:
-    """(state, last complete epoch, RNG key, metrics history) of the newest checkpoint that
+            ) -> tuple[TrainState, int, jax.Array, list[dict], dict | None]:
+    """(state, last complete epoch, RNG key, metrics history, the input reader's position
+    or None) of the newest checkpoint that
     restores, its arrays placed as `state`'s (shapes, `build.state_shapes`); each damaged
     one skipped is named in one line through `log`."""
     with _quiet("absl"):  # orbax logs each damaged checkpoint it meets; this says it once
@@ -216,7 +227,8 @@ def load_run(workdir: Path, epoch: int | None = None) -> tuple[RunConfig, TrainS
     with _quiet("absl"):
         mngr = manager(workdir)
         try:
-            state, epoch, _, history = _restore_epoch(mngr, epoch, state, run.result_fields())
+            state, epoch, _, history, _ = _restore_epoch(mngr, epoch, state,
+                                                         run.result_fields())
         except CheckpointError:
             raise
         except Exception as error:  # noqa: BLE001 (orbax, tensorstore, JSON: all mean damaged)
@@ -246,7 +258,8 @@ def with_epochs(saved: dict, run_fields: dict) -> dict:
 
 
 def _restore_epoch(mngr: ocp.CheckpointManager, epoch: int, state: TrainState,
-                   run_fields: dict) -> tuple[TrainState, int, jax.Array, list[dict]]:
+                   run_fields: dict) -> tuple[TrainState, int, jax.Array, list[dict],
+                                              dict | None]:
     ignore_late_callbacks()  # a damaged checkpoint's reads end after the error is raised
     meta = mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     require_same_run(without_computation_fields(meta["config"]), run_fields,
@@ -265,7 +278,7 @@ def _restore_epoch(mngr: ocp.CheckpointManager, epoch: int, state: TrainState,
     if "digest" in meta and digest(tree) != meta["digest"]:  # older checkpoints have none
         raise DamagedCheckpointError("its arrays are not the ones saved (their digest differs)")
     key = jax.random.wrap_key_data(jax.numpy.asarray(meta["key"], dtype="uint32"))
-    return replace_from_tree(state, tree), epoch, key, meta["history"]
+    return replace_from_tree(state, tree), epoch, key, meta["history"], meta.get("reader")
 
 
 def digest(tree) -> str:

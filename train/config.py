@@ -5,6 +5,7 @@ The model is a `densenet_jax.DenseNetConfig`; the data source a `train.data.Data
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import densenet_jax
@@ -95,10 +96,14 @@ class RunConfig:
         """Everything that shapes the results (not where the data lies, nor how the model
         is computed: kernels and remat): a checkpoint resumes only a run whose fields are
         all equal."""
-        fields = self.to_dict()
-        fields["data"] = {"source": self.data.source}
-        fields["model"]["block_config"] = list(self.model.block_config)
+        fields = json.loads(json.dumps(self.to_dict()))  # as config.json holds them
+        fields["data"] = {name: fields["data"][name] for name in DATA_RESULT_FIELDS}
         return without_computation_fields(fields)
+
+
+# What of the data's configuration shapes the results (not where it lies, nor how it
+# reaches the devices)
+DATA_RESULT_FIELDS = ("source", "dataset", "mean", "std")
 
 
 def without_computation_fields(fields: dict) -> dict:
@@ -106,7 +111,9 @@ def without_computation_fields(fields: dict) -> dict:
     their defaults) without the model's fields that change how it is computed but not what."""
     model = {**_defaults(densenet_jax.DenseNetConfig), **fields.get("model", {})}
     model = {k: v for k, v in model.items() if k not in ("kernels", "remat")}
-    return {**fields, "model": model,
+    data = {**{name: _defaults(DataConfig)[name] for name in DATA_RESULT_FIELDS},
+            **fields.get("data", {})}
+    return {**fields, "model": model, "data": data,
             "recipe": {**_defaults(RecipeConfig), **fields.get("recipe", {})},
             "train": {**_defaults(TrainConfig), **fields.get("train", {})}}
 

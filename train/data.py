@@ -38,49 +38,72 @@ CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shi
 SOURCES = ("idx", "tfds")
 
 
-def class_names(num_classes: int) -> tuple[str, ...]:
-    """Fashion-MNIST's names for its 10 classes; numbers for a model with another count."""
-    if num_classes == len(CLASS_NAMES):
-        return CLASS_NAMES
-    return tuple(str(i) for i in range(num_classes))
-
-
 class DataError(Exception):
     """Missing, corrupt or unreadable data; the message says what to do."""
 
 
+INPUTS = ("auto", "device", "stream")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+    """The data set, where it lies, how its pixels are normalised and how it reaches the
+    devices. `dataset`: "fashion_mnist" (its four files, read as `source` says), any
+    image-classification data set of tensorflow-datasets by name, or "folder:PATH" (see
+    train.datasets). `mean`/`std`: per channel, of pixels in [0, 1], subtracted and divided
+    by before the network (None: pixels ÷ 255 only, as d2l). `input`: "device" holds each
+    split on the devices, "stream" reads batches as training goes (train.stream), "auto"
+    streams a split larger than `device_limit_mib` (None: a quarter of one device's
+    memory); both give the same results. `image_shape` and `class_names` are the data
+    set's, recorded by the trainer for evaluation, prediction and export."""
+
     source: str = "idx"
     data_dir: str | None = None  # None: $FASHION_MNIST_DIR, else the per-user cache
-    download: bool = True        # fetch missing files into the cache folder
+    download: bool = True        # fetch missing files (Fashion-MNIST: into the cache folder)
+    dataset: str = "fashion_mnist"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    input: str = "auto"
+    device_limit_mib: float | None = None
+    image_shape: tuple[int, int, int] = (IMAGE_SIZE, IMAGE_SIZE, 1)
+    class_names: tuple[str, ...] = CLASS_NAMES
+
+    def __post_init__(self):  # JSON gives lists: tuples keep the config hashable
+        for name in ("mean", "std", "image_shape", "class_names"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if (self.mean is None) != (self.std is None) or (
+                self.mean is not None and len(self.mean) != len(self.std)):
+            raise ValueError(f"mean {self.mean} and std {self.std} must both be given, with "
+                             f"one value per channel")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+        if self.input not in INPUTS:
+            raise ValueError(f"input must be one of {INPUTS}, got {self.input!r}")
+
+    @property
+    def normalize(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(mean, std), or None for pixels ÷ 255 only."""
+        return None if self.mean is None else (self.mean, self.std)
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # (N, 28, 28, 1) uint8
+    """A split held whole in host memory."""
+
+    images: np.ndarray  # (N, H, W, C) uint8
     labels: np.ndarray  # (N,) int32
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of the examples `indices` (train.datasets.Source)."""
+        return self.images[indices], self.labels[indices]
+
     def head(self, n: int) -> "Split":
         return Split(self.images[:n], self.labels[:n])
 
-    def hold_out(self, n: int) -> tuple["Split", "Split"]:
-        """(the first len − n examples, the last n): training and validation splits."""
-        keep = len(self) - n
-        return Split(self.images[:keep], self.labels[:keep]), Split(self.images[keep:],
-                                                                    self.labels[keep:])
-
-
-def split_for_validation(train: Split, validation: int) -> tuple[Split, Split]:
-    """(training, validation) splits: the last `validation` training examples held out.
-    ValueError, in one line, if that leaves nothing to train on."""
-    if not 0 <= validation < len(train):
-        raise ValueError(f"--validation {validation} must lie in 0..{len(train) - 1}: the "
-                         f"training split has {len(train)} examples")
-    return train.hold_out(validation)
 
 
 def default_cache_dir() -> Path:

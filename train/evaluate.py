@@ -4,7 +4,7 @@
 
 Loads the run's last saved epoch (or epoch N) and measures, in evaluation mode, what
 training logged for it as `test acc` (or `val acc`), then each class's accuracy under
-Fashion-MNIST's names, and writes the confusion matrix as a picture (`confusion.png` in the
+its data set's class names, and writes the confusion matrix as a picture (`confusion.png` in the
 workdir, or --out). --ema/--no-ema and --flip/--no-flip evaluate otherwise than the run did:
 what its moving average and test-time flip buy, measured on the validation split.
 """
@@ -21,52 +21,75 @@ import numpy as np
 from jax.sharding import Mesh
 
 import densenet_jax
-from train import data
+from train import data, datasets, stream
 from train.build import Compiled, compile_eval_step
 from train.checkpoint import CheckpointError, load_run
 from train.config import RunConfig
 from train.host import configure_host
 from train.parallel import data_mesh, replicate
-from train.pipeline import sequential_batches
+from train.datasets import Source, materialize, split_for_validation
+from train.pipeline import evaluation_batch_sizes, sequential_batches
 from train.plots import confusion_figure
 from train.steps import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-    """A split placed on the devices once, in an order that never changes, with the eval
-    step compiled for its batches: what the trainer measures after each epoch and this
-    command measures after training."""
+    """A split in an order that never changes, placed on the devices once or read anew
+    each time (train.stream), with the eval step compiled for its batches: what the trainer
+    measures after each epoch and this command measures after training."""
 
-    images: jax.Array
-    labels: jax.Array
-    batches: list[jax.Array]
     step: Compiled
+    num_examples: int
+    batch_size: int
     num_classes: int
     mesh: Mesh
+    images: jax.Array | None = None  # the split on the devices, or None where streamed
+    labels: jax.Array | None = None
+    indices: list | None = None      # each batch's, on the devices
+    source: object = None            # where streamed: the split to read
 
     @classmethod
-    def prepare(cls, split: data.Split, variables: dict, model: densenet_jax.DenseNetConfig,
-                resize: int, flip: bool, batch_size: int, mesh: Mesh) -> "Evaluation":
-        """`split` on `mesh`, evaluated in batches of `batch_size` as `model` at `resize`
-        (`flip`: test-time flip) with variables shaped as `variables`."""
-        images, labels = replicate((split.images, split.labels), mesh)
+    def prepare(cls, split: Source, variables: dict, model: densenet_jax.DenseNetConfig,
+                resize: int, flip: bool, batch_size: int, mesh: Mesh, normalize=None,
+                streamed: bool = False) -> "Evaluation":
+        """`split` on `mesh` (or, `streamed`, read each time), evaluated in batches of
+        `batch_size` as `model` at `resize` (`flip`: test-time flip; `normalize`: the run's
+        (mean, std)) with variables shaped as `variables`."""
         confusion = replicate(np.zeros((model.num_classes,) * 2, np.int32), mesh)
-        batches = sequential_batches(len(split), batch_size, mesh)
+        sizes = evaluation_batch_sizes(len(split), batch_size)
+        if streamed:
+            images, labels = split.read(np.arange(1))
+        else:
+            split = materialize(split)
+            images, labels = replicate((split.images, split.labels), mesh)
         step = compile_eval_step(model, resize, flip, mesh, variables, confusion, images,
-                                 labels, {len(indices) for indices in batches})
-        return cls(images, labels, batches, step, model.num_classes, mesh)
+                                 labels, sizes, normalize, streamed)
+        if streamed:
+            return cls(step, len(split), batch_size, model.num_classes, mesh, source=split)
+        return cls(step, len(split), batch_size, model.num_classes, mesh, images, labels,
+                   sequential_batches(len(split), batch_size, mesh))
+
+    def batches(self):
+        """(images, labels, indices) of each batch, as the step takes them."""
+        if self.source is None:
+            for indices in self.indices:
+                yield self.images, self.labels, indices
+            return
+        for images, labels in stream.reader(self.source, stream.evaluation_batches(
+                self.num_examples, self.batch_size, self.mesh), self.mesh):
+            yield images, labels, None
 
     def confusion(self, variables: dict) -> np.ndarray:
         """(true class, predicted class) counts over the split, in evaluation mode
         (`variables`: a state's `eval_variables`)."""
         confusion = replicate(np.zeros((self.num_classes,) * 2, np.int32), self.mesh)
-        for indices in self.batches:
-            confusion = self.step(variables, confusion, self.images, self.labels, indices)
+        for images, labels, indices in self.batches():
+            confusion = self.step(variables, confusion, images, labels, indices)
         return np.asarray(confusion)
 
     def accuracy(self, variables: dict) -> float:
-        return float(np.trace(self.confusion(variables))) / len(self.labels)
+        return float(np.trace(self.confusion(variables))) / self.num_examples
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,8 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/default", help="the run to evaluate")
     parser.add_argument("--epoch", type=int, help="a saved epoch (default: the last one)")
-    parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST .gz files "
-                                           "(default: the run's)")
+    parser.add_argument("--data-dir", help="where the run's data set lies (default: where "
+                                           "it lay for training)")
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="test: the test set; val: the training examples the run held "
                              "out with --validation (default: test)")
@@ -105,7 +128,7 @@ def evaluated_as(run: RunConfig, state: TrainState, ema: bool | None, flip: bool
     return run, state
 
 
-def split_of(run: RunConfig, splits: dict[str, data.Split], name: str) -> data.Split:
+def split_of(run: RunConfig, splits: dict[str, Source], name: str) -> Source:
     """The test split, or ("val") the training examples the run held out. ValueError, in
     one line, for "val" on a run trained without --validation."""
     if name == "test":
@@ -113,7 +136,7 @@ def split_of(run: RunConfig, splits: dict[str, data.Split], name: str) -> data.S
     if not run.train.validation:
         raise ValueError("this run held out no validation split (trained without "
                          "--validation): use --split test")
-    return data.split_for_validation(splits["train"], run.train.validation)[1]
+    return split_for_validation(splits["train"], run.train.validation)[1]
 
 
 def settings(run: RunConfig, state: TrainState) -> str:
@@ -140,13 +163,16 @@ def main(argv=None) -> int:
         run, state, epoch, history = load_run(workdir, args.epoch)
         run, state = evaluated_as(run, state, args.ema, args.flip)
         source = dataclasses.replace(run.data, data_dir=args.data_dir or run.data.data_dir)
-        say(f"loading Fashion-MNIST ({source.source})")
-        split = split_of(run, data.load(source), args.split)
+        say(f"loading {datasets.describe(source)}")
+        split = split_of(run, datasets.open_dataset(source, run.data.image_shape[0]).splits,
+                         args.split)
         mesh = data_mesh()
+        streamed = stream.input_path(source, [split], mesh, say) == "stream"
         variables = replicate(state.eval_variables, mesh)
         say("compiling the eval step")
         evaluation = Evaluation.prepare(split, variables, run.model, run.train.resize,
-                                        run.recipe.test_flip, run.train.batch_size, mesh)
+                                        run.recipe.test_flip, run.train.batch_size, mesh,
+                                        run.data.normalize, streamed)
         say(f"evaluating {len(split):,} {args.split} images")
         confusion = evaluation.confusion(variables)
     except (CheckpointError, data.DataError, ValueError) as error:
@@ -155,7 +181,7 @@ def main(argv=None) -> int:
     accuracy = np.trace(confusion) / confusion.sum()
     print(f"{args.split} acc {accuracy:.4f} after epoch {epoch} of {workdir} with the "
           f"{settings(run, state)} (training logged {history[-1][args.split + '_acc']:.4f})")
-    names = data.class_names(run.model.num_classes)
+    names = datasets.class_names(run.data, run.model.num_classes)
     print("\n".join(class_table(confusion, names)))
     out = Path(args.out) if args.out else workdir / "confusion.png"
     try:

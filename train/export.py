@@ -3,8 +3,9 @@
     python -m train.export --workdir runs/x --out model.jax                  # jax.export
     python -m train.export --workdir runs/x --out saved --format savedmodel  # TensorFlow
 
-The function takes uint8 images (batch, 28, 28, C), any batch size, and returns logits
-(batch, classes) in evaluation mode, preprocessed as in training (÷ 255, resize). `jax`
+The function takes uint8 images (batch, H, W, C) as the run's data set holds them
+(Fashion-MNIST: 28, 28, 1), any batch size, and returns logits (batch, classes) in
+evaluation mode, preprocessed as in training (÷ 255, resize, the run's normalisation). `jax`
 writes a serialized `jax.export.Exported` (StableHLO with the weights as constants) lowered
 for CPUs, CUDA GPUs and TPUs alike, wherever it is exported:
 
@@ -26,7 +27,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from train import data
 from train.checkpoint import CheckpointError, load_run
 from train.host import configure_host
 from train.steps import infer
@@ -45,13 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def inference_function(workdir: Path, epoch: int | None = None):
-    """(f, input spec): f(images uint8 (B, 28, 28, C)) → logits (B, classes), the run's
-    weights closed over, with the reference kernels."""
+    """(f, input shape): f(images uint8 (B, H, W, C)) → logits (B, classes), the run's
+    weights closed over, with the reference kernels; (H, W, C): its data set's images."""
     run, state, _, _ = load_run(workdir, epoch)
     f = functools.partial(infer, state.eval_variables,
                           model=dataclasses.replace(run.model, kernels="reference"),
-                          resize=run.train.resize, flip=run.recipe.test_flip)
-    return f, (data.IMAGE_SIZE, data.IMAGE_SIZE, run.model.in_channels)
+                          resize=run.train.resize, flip=run.recipe.test_flip,
+                          normalize=run.data.normalize)
+    return f, (*run.data.image_shape[:2], run.model.in_channels)
 
 
 # jax.export lowers for platforms that are not present, so one artifact serves them all.

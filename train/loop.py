@@ -20,8 +20,10 @@ import densenet_jax
 from train import checkpoint
 from train.build import (Compiled, compile_train_step, initial_state, learning_rate,
                          state_shapes, step_config)
+from train import stream
 from train.config import RunConfig
-from train.data import Split, split_for_validation
+from train.data import Split
+from train.datasets import Source, materialize, split_for_validation
 from train.evaluate import Evaluation
 from train.outputs import run_files
 from train.parallel import data_mesh, replicate
@@ -33,27 +35,34 @@ class NonFiniteLossError(Exception):
     """Training diverged; the last good checkpoint is kept."""
 
 
-def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = False,
+def fit(run: RunConfig, splits: dict[str, Source], workdir: Path, resume: bool = False,
         log=print, mesh=None, overwrite: bool = False, keep: int | None = 2) -> list[dict]:
-    """Train as `run` says, data-parallel over `mesh` (default: every device); returns one
-    record per epoch (also in workdir/metrics.jsonl). A workdir holding another run's
-    checkpoints is refused unless `resume` (continue it) or `overwrite` (replace it). The
-    last `keep` epochs' checkpoints are kept (None: every epoch's).
+    """Train as `run` says on `splits` ("train", "test": `Split`s in host memory or any
+    random-access source, train.datasets), data-parallel over `mesh` (default: every
+    device); returns one record per epoch (also in workdir/metrics.jsonl). The splits are
+    held on the devices or streamed as `run.data.input` says (`input_path`). A workdir
+    holding another run's checkpoints is refused unless `resume` (continue it) or
+    `overwrite` (replace it). The last `keep` epochs' checkpoints are kept (None: every
+    epoch's).
 
     In a multi-process run every process calls this alike; process 0 logs and writes the
     files, and all of them take part in the checkpoints."""
     mesh = mesh or data_mesh()
     lead = jax.process_index() == 0
     log = log if lead else _silent
-    require_classes(run.model, splits)
     train_split, evaluated = run_splits(run, splits)
+    streamed = stream.input_path(run.data, [train_split, *evaluated.values()], mesh, log) == "stream"
+    if not streamed:
+        train_split = materialize(train_split)
+        evaluated = {name: materialize(split) for name, split in evaluated.items()}
+        require_classes(run.model, {"train": train_split, **evaluated})
     config = step_config(run, len(train_split))
     if resume:
         checkpoint.require_run(workdir, run.result_fields())
     workdir.mkdir(parents=True, exist_ok=True)
     with checkpoint.hold(workdir):  # every process its own lock: all refuse a second run alike
-        mngr, state, start_epoch, data_key, history = begin(run, config, workdir, resume,
-                                                             overwrite, mesh, log, lead, keep)
+        mngr, state, start_epoch, data_key, history, reader_state = begin(
+            run, config, workdir, resume, overwrite, mesh, log, lead, keep)
         if start_epoch >= run.train.epochs:
             log(f"nothing to train: {workdir} already holds all {run.train.epochs} epochs of "
                 f"this run (python -m train.evaluate --workdir {workdir} measures it)")
@@ -61,23 +70,28 @@ def fit(run: RunConfig, splits: dict[str, Split], workdir: Path, resume: bool = 
         if start_epoch:
             log(f"resumed from epoch {start_epoch} in {mngr.directory}")
         train(run, config, train_split, evaluated, state, data_key, mngr, history, workdir,
-              mesh, log, lead)
+              mesh, log, lead, streamed, reader_state)
     return history
 
 
-def train(run: RunConfig, config: StepConfig, train_split: Split, evaluated: dict[str, Split],
+def train(run: RunConfig, config: StepConfig, train_split: Source, evaluated: dict[str, Source],
           state: TrainState, data_key: jax.Array, mngr, history: list[dict], workdir: Path,
-          mesh: Mesh, log, lead: bool) -> None:
+          mesh: Mesh, log, lead: bool, streamed: bool = False, reader_state: dict | None = None
+          ) -> None:
     """Compile the steps, then train from the epoch after `history`'s last to the run's
-    last, evaluating, saving and recording (into `history` too) after each."""
+    last, evaluating, saving and recording (into `history` too) after each. `streamed`:
+    the splits are read as training goes (train.stream), from `reader_state` (the saved
+    reader's position) where resumed."""
     if training_batch_sizes(len(train_split), run.train.batch_size)[-1] > run.train.batch_size:
         log(f"the last batch of each epoch would hold 1 example, which BatchNorm cannot train "
             f"on: it joins the batch before ({run.train.batch_size + 1} examples)")
     log("compiling the train and eval steps")
-    trainer = Trainer.prepare(run, config, train_split, state, data_key, mesh)
+    trainer = Trainer.prepare(run, config, train_split, state, data_key, mesh, streamed,
+                              len(history), reader_state)
     evaluations = {name: Evaluation.prepare(split, state.eval_variables, run.model,
                                             run.train.resize, run.recipe.test_flip,
-                                            run.train.batch_size, mesh)
+                                            run.train.batch_size, mesh, run.data.normalize,
+                                            streamed)
                    for name, split in evaluated.items()}
     seconds = trainer.step.seconds + sum(e.step.seconds for e in evaluations.values())
     log(f"compiled in {seconds:.1f} s; the train step takes "
@@ -94,7 +108,8 @@ def train(run: RunConfig, config: StepConfig, train_split: Split, evaluated: dic
                                for name, evaluation in evaluations.items()},
                             "examples_per_sec": len(train_split) / seconds,
                             "train_seconds": seconds})
-            checkpoint.save(mngr, epoch, state, data_key, history, run_fields)
+            checkpoint.save(mngr, epoch, state, data_key, history, run_fields,
+                            trainer.reader_state())
             record_files(history)
             log(f"epoch {epoch}/{run.train.epochs}: {accuracies(history[-1])}, "
                 f"{history[-1]['examples_per_sec']:.1f} examples/sec")
@@ -110,12 +125,12 @@ def require_classes(model: densenet_jax.DenseNetConfig, splits: dict[str, Split]
                          f"it at the preset's")
 
 
-def run_splits(run: RunConfig, splits: dict[str, Split]) -> tuple[Split, dict[str, Split]]:
+def run_splits(run: RunConfig, splits: dict[str, Source]) -> tuple[Source, dict[str, Source]]:
     """The examples `run` trains on, and the splits it evaluates after each epoch: "test",
     and "val" where it holds training examples out (`--validation`)."""
     train, held_out = split_for_validation(splits["train"], run.train.validation)
     if run.train.limit_train:
-        train = train.head(run.train.limit_train)
+        train = split_for_validation(train, max(len(train) - run.train.limit_train, 0))[0]
     return train, {"test": splits["test"], **({"val": held_out} if run.train.validation else {})}
 
 
@@ -123,60 +138,99 @@ def begin(run: RunConfig, config: StepConfig, workdir: Path, resume: bool, overw
           mesh: Mesh, log, lead: bool, keep: int | None = 2):
     """The workdir claimed for this run, and where training starts: a fresh state (with
     --init-from's weights if given) at epoch 0, or with `resume` the newest checkpoint
-    that restores. Returns (checkpoint manager, state, epoch, data key, history so far),
-    the state and key on `mesh`."""
+    that restores. Returns (checkpoint manager, state, epoch, data key, history so far,
+    the streaming reader's saved position or None), the state and key on `mesh`."""
     checkpoint.claim(workdir, resume, overwrite, delete=lead)  # every process: all refuse alike
     mngr = checkpoint.manager(workdir, keep)
     init_key, data_key = jax.random.split(jax.random.key(run.train.seed))
     if resume:
-        state, epoch, data_key, history = checkpoint.restore(
+        state, epoch, data_key, history, reader_state = checkpoint.restore(
             mngr, state_shapes(config, mesh), run.result_fields(), log=log)
-        return mngr, state, epoch, replicate(data_key, mesh), history
+        return mngr, state, epoch, replicate(data_key, mesh), history, reader_state
     state = initial_state(config, init_key)
     if run.train.init_from:
         state = load_initial_weights(state, run.train.init_from, run.model, log)
-    return mngr, replicate(state, mesh), 0, replicate(data_key, mesh), []
+    return mngr, replicate(state, mesh), 0, replicate(data_key, mesh), [], None
 
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
-    """A run's training split on the devices, placed once as uint8, with the train step
-    compiled for its batches."""
+    """A run's training batches, from its split placed on the devices once as uint8 or read
+    as training goes (train.stream), with the train step compiled for them."""
 
     step: Compiled
-    images: jax.Array
-    labels: jax.Array
     key: jax.Array            # the run's data key: each epoch's order and each step's crops
     learning_rate: jax.Array
+    num_examples: int
     batch_size: int
     epochs: int
     mesh: Mesh
+    images: jax.Array | None = None   # the split on the devices, or None where streamed
+    labels: jax.Array | None = None
+    reader: object = None     # where streamed: grain's iterator over the run's batches
 
     @classmethod
-    def prepare(cls, run: RunConfig, config: StepConfig, split: Split, state: TrainState,
-                key: jax.Array, mesh: Mesh) -> "Trainer":
-        images, labels, rate, metrics = replicate(
-            (split.images, split.labels, learning_rate(run), zero_metrics()), mesh)
-        step = compile_train_step(config, mesh, state, metrics, images, labels, key, rate,
-                                  training_batch_sizes(len(split), run.train.batch_size))
-        return cls(step, images, labels, key, rate, run.train.batch_size, run.train.epochs,
-                   mesh)
+    def prepare(cls, run: RunConfig, config: StepConfig, split: Source, state: TrainState,
+                key: jax.Array, mesh: Mesh, streamed: bool = False, epochs_done: int = 0,
+                reader_state: dict | None = None) -> "Trainer":
+        """`split` on the devices, or (`streamed`) a reader of it positioned after
+        `epochs_done` epochs (at `reader_state`, a saved reader's, where given)."""
+        sizes = training_batch_sizes(len(split), run.train.batch_size)
+        rate, metrics = replicate((learning_rate(run), zero_metrics()), mesh)
+        if streamed:
+            reader = iter(stream.reader(split, stream.TrainingBatches(
+                key, len(split), run.train.batch_size, run.train.epochs, mesh
+            ).start(epochs_done), mesh))
+            reader.set_state(reader_state or {"next_index": epochs_done * len(sizes)})
+            if reader.get_state().get("next_index") != epochs_done * len(sizes):
+                raise checkpoint.CheckpointError(
+                    f"--resume: the saved input position {reader_state} is not the end of "
+                    f"epoch {epochs_done}; the checkpoint is not this run's: use another "
+                    f"--workdir, or --overwrite")
+            images, labels = split.read(np.arange(1))
+            step = compile_train_step(config, mesh, state, metrics, images, labels, key, rate,
+                                      sizes, streamed=True)
+            return cls(step, key, rate, len(split), run.train.batch_size, run.train.epochs,
+                       mesh, reader=reader)
+        images, labels = replicate((split.images, split.labels), mesh)
+        step = compile_train_step(config, mesh, state, metrics, images, labels, key, rate, sizes)
+        return cls(step, key, rate, len(split), run.train.batch_size, run.train.epochs, mesh,
+                   images, labels)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The sizes of an epoch's batches, in order."""
+        return training_batch_sizes(self.num_examples, self.batch_size)
+
+    def batches(self, epoch: int):
+        """Epoch `epoch`'s (images, labels, indices) as the step takes them: read as they
+        are taken where streamed."""
+        if self.reader is not None:
+            return ((*next(self.reader), None) for _ in self.batch_sizes)
+        return [(self.images, self.labels, indices) for indices in epoch_batches(
+            jax.random.fold_in(self.key, epoch), self.num_examples, self.batch_size)]
+
+    def reader_state(self) -> dict | None:
+        """The streaming reader's position (saved with each checkpoint), or None."""
+        return None if self.reader is None else self.reader.get_state()
 
     def epoch(self, state: TrainState, epoch: int, progress: bool = True
               ) -> tuple[TrainState, float, float, float]:
         """Epoch `epoch`'s steps, in its own order of the split: (state, mean loss, train
         accuracy, seconds in the steps). `progress`: a bar where stderr is a terminal."""
-        batches = epoch_batches(jax.random.fold_in(self.key, epoch), len(self.labels),
-                                self.batch_size)
         metrics = replicate(zero_metrics(), self.mesh)
+        batches = self.batches(epoch)
         jax.block_until_ready(state)
         start = time.perf_counter()
-        # The epoch runs on the devices alone: any host transfer in it is an error.
+        # The epoch runs on the devices alone: any implicit host transfer in it is an error
+        # (the streaming path places its batches explicitly).
         with jax.transfer_guard("disallow"):
-            for indices in tqdm(batches, desc=f"epoch {epoch}/{self.epochs}", leave=False,
-                                disable=not (progress and sys.stderr.isatty())):
-                state, metrics = self.step(state, metrics, self.images, self.labels, indices,
-                                           self.key, self.learning_rate)
+            for images, labels, indices in tqdm(
+                    batches, total=len(self.batch_sizes),
+                    desc=f"epoch {epoch}/{self.epochs}", leave=False,
+                    disable=not (progress and sys.stderr.isatty())):
+                state, metrics = self.step(state, metrics, images, labels, indices, self.key,
+                                           self.learning_rate)
         metrics = jax.device_get(metrics)  # waits for the last step
         seconds = time.perf_counter() - start
         count = int(metrics["count"])

@@ -23,9 +23,9 @@ from pathlib import Path
 import jax
 
 import densenet_jax
-from train import data, supervise
+from train import data, datasets, supervise
 from train.build import use_compilation_cache
-from train.checkpoint import CheckpointError, hold, require_run, saved_epochs
+from train.checkpoint import CheckpointError, hold, require_run, saved_epochs, saved_run
 from train.config import RECIPES, RecipeConfig, RunConfig, TrainConfig
 from train.host import configure_host
 from train.loop import NonFiniteLossError, fit, summary
@@ -59,9 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help="examples per SGD step, split over all devices")
     parser.add_argument("--lr", type=float, help="learning rate (default: the recipe's, 0.1)")
-    parser.add_argument("--resize", type=int, default=defaults.resize,
-                        help="images are resized to RESIZE×RESIZE (bilinear); on a CPU, 32 "
-                             "trains about 9× faster than 96")
+    parser.add_argument("--resize", type=int,
+                        help="images are resized to RESIZE×RESIZE (bilinear) (default: 96, "
+                             "d2l's, for Fashion-MNIST and data sets of varying image size; "
+                             "the images' own size for others); on a CPU, 32 trains about "
+                             "9× faster than 96")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"0..{MAX_SEED}")
     parser.add_argument("--init-from", metavar="FILE",
                         help="start from PyTorch weights (.pth, .pt or .safetensors; "
@@ -73,12 +75,36 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="hold the last N training examples out and report their "
                              "accuracy (val acc) each epoch: choose settings on it, not on "
                              "the test set")
+    parser.add_argument("--dataset", default="fashion_mnist", metavar="NAME",
+                        help="fashion_mnist; any image-classification data set of "
+                             "tensorflow-datasets prepared in --data-dir (cifar10, svhn_cropped, "
+                             "imagenette, imagenet2012, ...); or folder:PATH, a folder with "
+                             "one sub-folder of images per class (optionally below train/ and "
+                             "test/). Channels, classes and class names follow the data set")
     parser.add_argument("--data-source", default="idx", choices=data.SOURCES,
-                        help="idx: the four files read directly; tfds: through "
+                        help="Fashion-MNIST's files: idx: read directly; tfds: through "
                              "tensorflow-datasets")
-    parser.add_argument("--data-dir", help=f"folder with the four Fashion-MNIST .gz files "
+    parser.add_argument("--data-dir", help=f"Fashion-MNIST: the folder with its four .gz files "
                                            f"(default: ${data.ENV_VAR}, else a cache folder "
-                                           f"they are downloaded into)")
+                                           f"they are downloaded into); a tensorflow-datasets "
+                                           f"data set: the folder it is prepared in (default: "
+                                           f"$TFDS_DATA_DIR, else ~/tensorflow_datasets)")
+    parser.add_argument("--download", action="store_true",
+                        help="let tensorflow-datasets download and prepare --dataset into "
+                             "--data-dir (never done otherwise)")
+    parser.add_argument("--normalize", default="auto", metavar="HOW",
+                        help="per-channel normalisation after ÷255: none; dataset (mean and "
+                             "std of the training images); imagenet (torchvision's, which its "
+                             "weights expect); or MEAN/STD, e.g. 0.5,0.5,0.5/0.25,0.25,0.25. "
+                             "auto: imagenet with --init-from, none for Fashion-MNIST (d2l's), "
+                             "dataset otherwise")
+    parser.add_argument("--input", default="auto", choices=data.INPUTS,
+                        help="device: each split held on the devices; stream: read in batches "
+                             "through grain as training goes (same results); auto: stream "
+                             "what exceeds --device-limit")
+    parser.add_argument("--device-limit", type=float, metavar="MIB",
+                        help="the most MiB of images --input auto holds on the devices "
+                             "(default: a quarter of one device's memory)")
     parser.add_argument("--workdir", default="runs/default",
                         help="where metrics.jsonl, curves.png, config.json and checkpoints go")
     parser.add_argument("--resume", action="store_true",
@@ -151,6 +177,10 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         raise ValueError(f"--validation must not be negative, got {args.validation}")
     if not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    if args.resize is not None and args.resize <= 0:
+        raise ValueError(f"--resize must be positive, got {args.resize}")
+    if args.device_limit is not None and not 0 <= args.device_limit < math.inf:
+        raise ValueError(f"--device-limit must be a number of MiB, got {args.device_limit}")
     if args.init_from is not None and not Path(args.init_from).is_file():
         raise ValueError(f"--init-from {args.init_from}: no such file; pass a .pth, .pt or "
                          f".safetensors weights file")
@@ -158,7 +188,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         raise ValueError("--resume continues the run in --workdir and --overwrite replaces it; "
                          "pass one of them")
     model = model_config(args)
-    model.require_input_size(args.resize, "--resize")
+    if args.resize is not None:
+        model.require_input_size(args.resize, "--resize")
     recipe = RECIPES[args.recipe]
     if args.lr is not None:
         recipe = dataclasses.replace(recipe, learning_rate=args.lr)
@@ -169,11 +200,93 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         raise ValueError(f"--recipe-fields {error}") from None
     return RunConfig(
         model=model, recipe=recipe,
-        train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, resize=args.resize,
-                          seed=args.seed, limit_train=args.limit_train,
-                          validation=args.validation, init_from=args.init_from),
-        data=data.DataConfig(source=args.data_source, data_dir=args.data_dir,
-                             download=not (args.data_dir or os.environ.get(data.ENV_VAR))))
+        train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                          resize=args.resize or TrainConfig.resize, seed=args.seed,
+                          limit_train=args.limit_train, validation=args.validation,
+                          init_from=args.init_from),
+        data=data.DataConfig(
+            dataset=args.dataset, source=args.data_source, data_dir=args.data_dir,
+            download=(args.download if args.dataset != "fashion_mnist"
+                      else not (args.data_dir or os.environ.get(data.ENV_VAR))),
+            input=args.input, device_limit_mib=args.device_limit))
+
+
+def explicit_model_fields(args: argparse.Namespace) -> set[str]:
+    """The DenseNetConfig fields --model sets (the data set sets the others it shapes)."""
+    return set(densenet_jax.config.parse_fields(args.model))
+
+
+def for_dataset(run: RunConfig, info: datasets.DatasetInfo, args: argparse.Namespace,
+                stats, log=print) -> RunConfig:
+    """`run` fitted to its data set: the network's input channels and classes (unless
+    --model sets them: ValueError, in one line, where they cannot fit), the image size
+    (unless --resize sets it), the normalisation --normalize asks for (`stats()`: the
+    training split's (mean, std), measured only where asked for), the data set's image shape
+    and class names."""
+    explicit = explicit_model_fields(args)
+    model = run.model
+    label = f"--dataset {info.name}"
+    if "in_channels" in explicit and model.in_channels != info.channels:
+        raise ValueError(f"--model in_channels={model.in_channels}, but {label} has "
+                         f"{info.channels}-channel images; drop in_channels=, the data set "
+                         f"sets it")
+    if "num_classes" in explicit and model.num_classes < info.num_classes:
+        raise ValueError(f"the network has num_classes={model.num_classes} outputs but the "
+                         f"data has {info.num_classes} classes; set --model "
+                         f"num_classes={info.num_classes}, or leave it at the preset's")
+    if "num_classes" in explicit and model.num_classes > info.num_classes:
+        log(f"note: --model num_classes={model.num_classes}, but {label} has "
+            f"{info.num_classes} classes; the other outputs are never a right answer")
+    model = dataclasses.replace(
+        model, in_channels=model.in_channels if "in_channels" in explicit else info.channels,
+        num_classes=model.num_classes if "num_classes" in explicit else info.num_classes)
+    resize = args.resize or (TrainConfig.resize if info.name == "fashion_mnist"
+                             else info.image_shape[0])
+    model.require_input_size(resize, "--resize" if args.resize else
+                             f"{label}'s image size ({resize}, add --resize)")
+    mean, std = normalization(args.normalize, info, run.train.init_from, stats)
+    return dataclasses.replace(
+        run, model=model, train=dataclasses.replace(run.train, resize=resize),
+        data=dataclasses.replace(run.data, mean=mean, std=std, image_shape=info.image_shape,
+                                 class_names=info.class_names))
+
+
+def normalization(how: str, info: datasets.DatasetInfo, init_from: str | None, stats
+                  ) -> tuple[tuple | None, tuple | None]:
+    """(mean, std) per channel for --normalize `how`, or (None, None) for none."""
+    if how == "auto":
+        how = ("imagenet" if init_from else "none" if info.name == "fashion_mnist"
+               else "dataset")
+    if how == "none":
+        return None, None
+    if how == "imagenet":
+        return datasets.imagenet_stats(info.channels)
+    if how == "dataset":
+        return stats()
+    try:
+        mean, std = (tuple(float(v) for v in part.split(",")) for part in how.split("/"))
+    except ValueError:
+        raise ValueError(f"--normalize {how}: expected none, dataset, imagenet, auto or "
+                         f"MEAN/STD with one comma-separated value per channel, e.g. "
+                         f"0.5,0.5,0.5/0.25,0.25,0.25") from None
+    if not len(mean) == len(std) == info.channels or min(std) <= 0:
+        raise ValueError(f"--normalize {how}: give {info.channels} mean and {info.channels} "
+                         f"positive std values, one per channel of {info.name}")
+    return mean, std
+
+
+def resumed(run: RunConfig, args: argparse.Namespace, workdir: Path) -> RunConfig:
+    """`run` fitted to its data set as the run in `workdir` was (`for_dataset`, from its
+    config.json, without reading the data), where that run is of the same data set."""
+    saved = saved_run(workdir)
+    if saved is None or saved.data.dataset != run.data.dataset:
+        return run
+    info = datasets.DatasetInfo(saved.data.dataset, saved.data.image_shape,
+                                saved.data.class_names)
+    if args.resize is None:
+        args = argparse.Namespace(**{**vars(args), "resize": saved.train.resize})
+    return for_dataset(run, info, args, lambda: (saved.data.mean, saved.data.std),
+                       log=lambda line: None)
 
 
 def check_folder(folder: Path, flag: str = "--workdir") -> None:
@@ -256,7 +369,7 @@ def main(argv=None) -> int:
         with sigterm_as_interrupt():
             run = run_config(args)
             if args.resume:  # before anything is built or loaded
-                require_run(workdir, run.result_fields())
+                require_run(workdir, resumed(run, args, workdir).result_fields())
             check_folder(workdir)
             if args.compilation_cache:
                 check_folder(Path(args.compilation_cache), "--compilation-cache")
@@ -266,9 +379,11 @@ def main(argv=None) -> int:
             index = process_index_before_joining()
             with contextlib.nullcontext() if index is None else hold(workdir, index):
                 initialize_distributed()
-                print(f"loading Fashion-MNIST ({args.data_source})", flush=True)
-                splits = data.load(run.data)
-                history = fit(run, splits, workdir, resume=args.resume,
+                print(f"loading {datasets.describe(run.data)}", flush=True)
+                dataset = datasets.open_dataset(run.data, args.resize or TrainConfig.resize)
+                run = for_dataset(run, dataset.info, args,
+                                  lambda: datasets.channel_stats(dataset.splits["train"]))
+                history = fit(run, dataset.splits, workdir, resume=args.resume,
                               overwrite=args.overwrite, keep=args.keep or None)
     except KeyboardInterrupt:
         print(f"\n{interrupted_message(workdir)}", file=sys.stderr)

@@ -146,9 +146,13 @@ def replicate(tree, mesh: Mesh):
     return jax.tree.map(put, tree)
 
 
+def batch_sharding(size: int, mesh: Mesh) -> NamedSharding:
+    """How a batch of `size` examples lies on `mesh`: split over the `data` axis; a batch
+    that the mesh does not divide (an epoch's last, partial one) replicated: same result,
+    computed on every device."""
+    return NamedSharding(mesh, P(DATA_AXIS) if size % mesh.size == 0 else P())
+
+
 def shard_batch(x: jax.Array, mesh: Mesh) -> jax.Array:
-    """Inside jit: x (B, ...) split over the `data` axis along B. A batch that the mesh
-    does not divide (an epoch's last, partial one) stays replicated: same result, computed
-    on every device."""
-    spec = P(DATA_AXIS) if x.shape[0] % mesh.size == 0 else P()
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    """Inside jit: x (B, ...) placed as `batch_sharding` says."""
+    return jax.lax.with_sharding_constraint(x, batch_sharding(x.shape[0], mesh))

@@ -68,41 +68,53 @@ def augment(images: jax.Array, key: jax.Array, recipe) -> jax.Array:
     return images
 
 
-def preprocess(images: jax.Array, resize: int) -> jax.Array:
-    """d2l's transforms: pixels ÷ 255 and a bilinear resize to resize × resize (no
-    normalisation). images: (B, 28, 28, 1) uint8 → (B, resize, resize, 1) float32; the
-    model casts to its compute dtype."""
+def preprocess(images: jax.Array, resize: int, normalize=None) -> jax.Array:
+    """d2l's transforms: pixels ÷ 255 and a bilinear resize to resize × resize, then, where
+    `normalize` = (mean, std) per channel is given, torchvision's Normalize (d2l has none).
+    images: (B, H, W, C) uint8 → (B, resize, resize, C) float32; the model casts to its
+    compute dtype."""
     x = images.astype(jnp.float32) / 255.0
     if x.shape[1:3] != (resize, resize):
         x = jax.image.resize(x, (x.shape[0], resize, resize, x.shape[-1]), "bilinear")
+    if normalize is not None:
+        mean, std = (np.asarray(v, np.float32) for v in normalize)
+        x = (x - mean) / std
     return x
 
 
-def _cut(order: jax.Array, batch_size: int) -> list[jax.Array]:
-    """Batches of indices, the last one partial if `batch_size` does not divide the
-    number of examples: every example is used once, and only two batch shapes occur."""
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+def evaluation_batch_sizes(num_examples: int, batch_size: int) -> list[int]:
+    """The sizes of an evaluation's batches: full ones, the last one partial if
+    `batch_size` does not divide the number of examples: every example is used once, and
+    only two batch shapes occur."""
+    full, rest = divmod(num_examples, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
 
 
 def training_batch_sizes(num_examples: int, batch_size: int) -> list[int]:
     """The sizes of an epoch's training batches: full ones, then the rest, except that a
     rest of one example joins the batch before it (BatchNorm cannot train on a batch of
     one when the last feature map is 1×1, as at 32×32)."""
-    full, rest = divmod(num_examples, batch_size)
-    sizes = [batch_size] * full + ([rest] if rest else [])
-    if rest == 1 and full:
+    sizes = evaluation_batch_sizes(num_examples, batch_size)
+    if len(sizes) > 1 and sizes[-1] == 1:
         sizes[-2:] = [batch_size + 1]
     return sizes
 
 
 def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> list[jax.Array]:
     """The training order of one epoch: a fresh permutation, cut into batches of
-    `training_batch_sizes`."""
-    order = jax.random.permutation(key, num_examples)
-    starts = np.cumsum([0, *training_batch_sizes(num_examples, batch_size)])
+    `training_batch_sizes`. `key`: the run's data key folded with the epoch; the streaming
+    path (train.stream) draws the same permutation on the host."""
+    return cut(jax.random.permutation(key, num_examples),
+               training_batch_sizes(num_examples, batch_size))
+
+
+def cut(order, sizes: list[int]) -> list:
+    """`order` cut into consecutive batches of `sizes`."""
+    starts = np.cumsum([0, *sizes])
     return [order[start:end] for start, end in zip(starts[:-1], starts[1:])]
 
 
 def sequential_batches(num_examples: int, batch_size: int, mesh) -> list[jax.Array]:
     """The evaluation order: every example once, in order, replicated on `mesh`."""
-    return _cut(replicate(np.arange(num_examples, dtype=np.int32), mesh), batch_size)
+    return cut(replicate(np.arange(num_examples, dtype=np.int32), mesh),
+               evaluation_batch_sizes(num_examples, batch_size))

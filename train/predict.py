@@ -7,9 +7,10 @@ IMAGE: PNG, JPEG or any format Pillow reads, of any size, colour or grey; a `.np
 classified in name order. Pixel values are read by one rule: uint8 as they are, 16-bit
 images scaled from 0..65535, other integers as they are if within 0..255, floats scaled
 from [0, 1] (a note says when values were scaled); anything else is refused. Each image is
-converted to the run's channels, brought to Fashion-MNIST's 28×28 (bilinear, antialiased)
-and preprocessed exactly as in training. Fashion-MNIST shows light garments on a black
-background: other pictures are out of its distribution. A file that cannot be read gets one
+converted to the run's channels, brought to the size of its data set's images (Fashion-MNIST's
+28×28; bilinear, antialiased) and preprocessed exactly as in training, normalisation
+included; classes are named as in the data set. Fashion-MNIST shows light garments on a
+black background: other pictures are out of its distribution. A file that cannot be read gets one
 line naming it; the others are still classified (exit status 1 if any failed).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from train import data
+from train import data, datasets
 from train.checkpoint import CheckpointError, load_run
 from train.host import configure_host
 from train.steps import infer
@@ -37,9 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def read_image(path: Path, channels: int) -> tuple[np.ndarray, str | None]:
-    """(28, 28, channels) uint8 from an image or .npy file, and a note on how its values
-    were read where that is not plain 0..255 pixels (`pixels`); ValueError, in one line."""
+def read_image(path: Path, channels: int, size: tuple[int, int] = (data.IMAGE_SIZE,) * 2
+               ) -> tuple[np.ndarray, str | None]:
+    """(*size, channels) uint8 from an image or .npy file (`size`: the run's data set's
+    images, Fashion-MNIST's 28×28 by default), and a note on how its values were read
+    where that is not plain 0..255 pixels (`pixels`); ValueError, in one line."""
     if path.is_dir():
         raise ValueError("is a folder; pass its files, or the folder alone")
     if not path.is_file():
@@ -62,9 +65,8 @@ def read_image(path: Path, channels: int) -> tuple[np.ndarray, str | None]:
     array, note = pixels(array)
     if array.shape[-1] != channels:
         array = _convert(array, channels)
-    size = data.IMAGE_SIZE
-    if array.shape[:2] != (size, size):
-        array = jax.image.resize(np.asarray(array, np.float32), (size, size, channels),
+    if array.shape[:2] != tuple(size):
+        array = jax.image.resize(np.asarray(array, np.float32), (*size, channels),
                                  "bilinear", antialias=True)
     return np.clip(np.round(np.asarray(array, np.float64)), 0, 255).astype(np.uint8), note
 
@@ -155,9 +157,10 @@ def main(argv=None) -> int:
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    names = data.class_names(run.model.num_classes)
+    names = datasets.class_names(run.data, run.model.num_classes)
     classify = jax.jit(functools.partial(infer, model=run.model, resize=run.train.resize,
-                                         flip=run.recipe.test_flip))
+                                         flip=run.recipe.test_flip,
+                                         normalize=run.data.normalize))
     failed = False
     for name in args.images:
         try:
@@ -168,7 +171,8 @@ def main(argv=None) -> int:
             continue
         for path in files:
             try:
-                image, note = read_image(path, run.model.in_channels)
+                image, note = read_image(path, run.model.in_channels,
+                                         run.data.image_shape[:2])
             except (OSError, ValueError) as error:
                 print(f"error: {path}: {error}", file=sys.stderr)
                 failed = True

@@ -37,6 +37,7 @@ class StepConfig:
     recipe: RecipeConfig
     resize: int
     schedule_steps: tuple[int, int] = (0, 0)
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std)
 
     def __post_init__(self):
         object.__setattr__(self, "recipe", dataclasses.replace(
@@ -136,21 +137,34 @@ def zero_metrics() -> dict[str, jax.Array]:
             "count": jnp.zeros((), jnp.int32)}
 
 
+def batch_of(images: jax.Array, labels: jax.Array, indices: jax.Array | None, mesh: Mesh
+             ) -> tuple[jax.Array, jax.Array]:
+    """Inside jit: the batch a step computes on, split over the `data` axis: the examples
+    `indices` of a split held on the devices, or (`indices` None) `images`, `labels` as they
+    came from the streaming path."""
+    if indices is not None:
+        images, labels = images[indices], labels[indices]
+    return shard_batch(images, mesh), shard_batch(labels, mesh)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "mesh"), donate_argnums=(0, 1))
 def train_step(state: TrainState, metrics: dict, images: jax.Array, labels: jax.Array,
-               indices: jax.Array, key: jax.Array, learning_rate: jax.Array, *,
+               indices: jax.Array | None, key: jax.Array, learning_rate: jax.Array, *,
                config: StepConfig, mesh: Mesh) -> tuple[TrainState, dict]:
-    """One SGD step on the examples `indices` of the split held on the devices.
+    """One SGD step on the examples `indices` of the split held on the devices, or, with
+    `indices` None, on the batch `images`, `labels` itself (the streaming path).
 
-    images: (N, 28, 28, 1) uint8, labels: (N,) int32, indices: (B,) int32, all replicated
-    on `mesh`; the batch is split over its `data` axis. key: the run's data key; this
-    step's augmentation key is it folded with the step number, so a resumed run draws the
-    same crops. learning_rate: () float32, the recipe's (or its schedule's peak). metrics
-    accumulate the loss sum and correct count on the devices.
+    images: (N, H, W, C) uint8, labels: (N,) int32, indices: (B,) int32, all replicated
+    on `mesh`, or a batch (B, H, W, C), (B,) split over the `data` axis; the batch is
+    split over that axis. key: the run's data key; this step's augmentation key is it
+    folded with the step number, so a resumed run draws the same crops. learning_rate:
+    () float32, the recipe's (or its schedule's peak). metrics accumulate the loss sum and
+    correct count on the devices.
     """
     recipe = config.recipe
-    batch, y = shard_batch(images[indices], mesh), shard_batch(labels[indices], mesh)
-    x = preprocess(augment(batch, jax.random.fold_in(key, state.step), recipe), config.resize)
+    batch, y = batch_of(images, labels, indices, mesh)
+    x = preprocess(augment(batch, jax.random.fold_in(key, state.step), recipe), config.resize,
+                   config.normalize)
     model = densenet_jax.DenseNet(config.model)
 
     def loss_fn(params):
@@ -190,26 +204,27 @@ def moving_average(average: dict, variables: dict, step: jax.Array, decay: float
 
 
 def infer(variables: dict, images: jax.Array, *, model: densenet_jax.DenseNetConfig,
-          resize: int, flip: bool = False) -> jax.Array:
+          resize: int, flip: bool = False, normalize=None) -> jax.Array:
     """Logits (B, classes) in evaluation mode for uint8 images (B, H, W, C), preprocessed as
-    in training: what evaluation, prediction and export compute. `flip`: the mean of the
-    logits of each image and of its mirror image (test-time augmentation)."""
+    in training (`normalize`: the run's (mean, std), or None): what evaluation, prediction
+    and export compute. `flip`: the mean of the logits of each image and of its mirror
+    image (test-time augmentation)."""
     apply = functools.partial(densenet_jax.DenseNet(model).apply, variables, train=False)
-    x = preprocess(images, resize)
+    x = preprocess(images, resize, normalize)
     return (apply(x) + apply(x[:, :, ::-1])) / 2 if flip else apply(x)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "resize", "flip", "mesh"),
+@functools.partial(jax.jit, static_argnames=("model", "resize", "flip", "mesh", "normalize"),
                    donate_argnums=(1,))
 def eval_step(variables: dict, confusion: jax.Array, images: jax.Array, labels: jax.Array,
-              indices: jax.Array, *, model: densenet_jax.DenseNetConfig, resize: int,
-              flip: bool, mesh: Mesh) -> jax.Array:
+              indices: jax.Array | None, *, model: densenet_jax.DenseNetConfig, resize: int,
+              flip: bool, mesh: Mesh, normalize=None) -> jax.Array:
     """Running confusion matrix (classes, classes), int32, in evaluation mode (`variables`:
-    a state's `eval_variables`; `flip`: see `infer`): row = true class, column = predicted
-    class."""
-    logits = infer(variables, shard_batch(images[indices], mesh), model=model, resize=resize,
-                   flip=flip)
-    confusion = confusion.at[shard_batch(labels[indices], mesh), jnp.argmax(logits, -1)].add(1)
+    a state's `eval_variables`; `flip`, `normalize`: see `infer`): row = true class,
+    column = predicted class. `indices` as in `train_step` (None: the batch itself)."""
+    batch, y = batch_of(images, labels, indices, mesh)
+    logits = infer(variables, batch, model=model, resize=resize, flip=flip, normalize=normalize)
+    confusion = confusion.at[y, jnp.argmax(logits, -1)].add(1)
     # replicated, as it came: every process can read it
     return jax.lax.with_sharding_constraint(confusion, NamedSharding(mesh, P()))
 
