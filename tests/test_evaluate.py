@@ -23,10 +23,12 @@ def test_evaluation_repeats_the_logged_accuracy(trained, tmp_path, capsys, epoch
     assert evaluate.main(args + (["--epoch", str(epoch)] if epoch else [])) == 0
     lines = capsys.readouterr().out.splitlines()
     expected = logged(trained, epoch or 3)
-    assert lines[:4] == [f"loading {f'epoch {epoch}' if epoch else 'the last epoch'} of "
-                         f"{trained}", "loading Fashion-MNIST (idx)", "compiling the eval step",
-                         "evaluating 10,000 test images"]  # what each wait is
-    lines = lines[4:]
+    assert lines[2].startswith("input: 7.5 MiB of images, held on the devices (the device limit")
+    assert lines[:2] + lines[3:5] == [
+        f"loading {f'epoch {epoch}' if epoch else 'the last epoch'} of {trained}",
+        "loading Fashion-MNIST (idx)", "compiling the eval step",
+        "evaluating 10,000 test images"]  # what each wait is
+    lines = lines[5:]
     assert lines[0] == (f"test acc {expected:.4f} after epoch {epoch or 3} of {trained} with "
                         f"the trained weights, no flip (training logged {expected:.4f})")
     rows = [line.rsplit(None, 2) for line in lines[2:12]]
@@ -49,7 +51,7 @@ def test_a_second_evaluation_compiles_nothing(trained, tmp_path, compilations):
 def test_the_validation_split_repeats_the_logged_val_acc(trained, tmp_path, capsys):
     assert evaluate.main(["--workdir", str(trained), "--split", "val",
                           "--out", str(tmp_path / "c.png")]) == 0
-    lines = capsys.readouterr().out.splitlines()[4:]  # after what each wait is
+    lines = capsys.readouterr().out.splitlines()[5:]  # after what each wait is
     expected = logged(trained, 3, "val")
     assert lines[0].startswith(f"val acc {expected:.4f} after epoch 3 of {trained} with")
     assert sum(int(line.rsplit(None, 1)[1]) for line in lines[2:12]) == 256  # held out

@@ -439,9 +439,12 @@ def test_a_signal_during_a_checkpoint_save_is_one_line(data_dir, tmp_path, which
 def test_start_up_says_what_it_is_doing(data_dir, tmp_path, capsys):
     assert run_cli(data_dir, tmp_path, "--epochs", "1") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:2] == ["loading Fashion-MNIST (idx)", "compiling the train and eval steps"]
+    assert lines[0] == "loading Fashion-MNIST (idx)"
+    assert lines[1].startswith("input: 52.3 MiB of images, held on the devices (the device "
+                               "limit: ")  # the training split and the test split
+    assert lines[2] == "compiling the train and eval steps"
     assert re.fullmatch(r"compiled in \d+\.\d s; the train step takes \d+ MiB per device",
-                        lines[2]), lines[2]
+                        lines[3]), lines[3]
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 

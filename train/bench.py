@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 import densenet_jax
-from train import data
+from train import data, datasets
 from train.config import RECIPES, RunConfig, TrainConfig
 from train.host import configure_host
 from train.loop import device_name, fit
@@ -57,7 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="side of the square matrix product that measures the peak")
     parser.add_argument("--end-to-end", action="store_true",
                         help="one epoch of train.main (data pipeline included) instead")
-    parser.add_argument("--data-dir", help="Fashion-MNIST folder, for --end-to-end")
+    parser.add_argument("--data-dir", help="--end-to-end: the Fashion-MNIST folder, or where "
+                                           "--dataset is prepared")
+    parser.add_argument("--dataset", default="fashion_mnist",
+                        help="--end-to-end: the data set, as train.main's --dataset")
+    parser.add_argument("--data-source", default="idx", choices=data.SOURCES,
+                        help="--end-to-end: as train.main's --data-source")
     parser.add_argument("--input", default="device", choices=data.INPUTS,
                         help="--end-to-end: hold the splits on the devices, or stream them "
                              "(train.stream)")
@@ -260,8 +265,10 @@ def print_report(rates: dict[str, list[float]], median: dict[str, float], result
 def end_to_end_benchmark(args, config) -> dict:
     run = RunConfig(model=config, recipe=RECIPES["d2l"],
                     train=TrainConfig(epochs=1, batch_size=args.batch, resize=args.resize),
-                    data=data.DataConfig(data_dir=args.data_dir, input=args.input))
-    splits = data.load(run.data)
+                    data=data.DataConfig(data_dir=args.data_dir, input=args.input,
+                                         dataset=args.dataset, source=args.data_source,
+                                         download=False))
+    splits = datasets.open_dataset(run.data, args.resize).splits
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
         history = fit(run, splits, Path(workdir))

@@ -1,4 +1,5 @@
-"""Train d2l's DenseNet on Fashion-MNIST: `python -m train.main --help`.
+"""Train d2l's DenseNet on Fashion-MNIST, or on --dataset (a tensorflow-datasets data set
+by name, or folder:PATH): `python -m train.main --help`.
 
 Defaults reproduce the source's recipe: preset d2l, 10 epochs, batch 256, lr 0.1,
 resize 96, plain SGD: quick on a GPU, hours on a small CPU; there, add --resize 32.
@@ -283,8 +284,6 @@ def resumed(run: RunConfig, args: argparse.Namespace, workdir: Path) -> RunConfi
         return run
     info = datasets.DatasetInfo(saved.data.dataset, saved.data.image_shape,
                                 saved.data.class_names)
-    if args.resize is None:
-        args = argparse.Namespace(**{**vars(args), "resize": saved.train.resize})
     return for_dataset(run, info, args, lambda: (saved.data.mean, saved.data.std),
                        log=lambda line: None)
 
@@ -369,7 +368,8 @@ def main(argv=None) -> int:
         with sigterm_as_interrupt():
             run = run_config(args)
             if args.resume:  # before anything is built or loaded
-                require_run(workdir, resumed(run, args, workdir).result_fields())
+                run = resumed(run, args, workdir)
+                require_run(workdir, run.result_fields())
             check_folder(workdir)
             if args.compilation_cache:
                 check_folder(Path(args.compilation_cache), "--compilation-cache")
@@ -380,7 +380,7 @@ def main(argv=None) -> int:
             with contextlib.nullcontext() if index is None else hold(workdir, index):
                 initialize_distributed()
                 print(f"loading {datasets.describe(run.data)}", flush=True)
-                dataset = datasets.open_dataset(run.data, args.resize or TrainConfig.resize)
+                dataset = datasets.open_dataset(run.data, run.train.resize)
                 run = for_dataset(run, dataset.info, args,
                                   lambda: datasets.channel_stats(dataset.splits["train"]))
                 history = fit(run, dataset.splits, workdir, resume=args.resume,
