@@ -71,9 +71,10 @@ def test_resuming_a_finished_run_says_so_and_compiles_nothing(data_dir, two_epoc
     capsys.readouterr()
     assert run_cli(data_dir, workdir, "--epochs", "2", "--resume") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1] == (f"nothing to train: {workdir} already holds all 2 epochs of this run "
+    assert lines[1].startswith("input: ")  # which input path, then
+    assert lines[2] == (f"nothing to train: {workdir} already holds all 2 epochs of this run "
                         f"(python -m train.evaluate --workdir {workdir} measures it)")
-    assert len(lines) == 4 and lines[2].startswith("loss ")  # then d2l's closing lines
+    assert len(lines) == 5 and lines[3].startswith("loss ")  # then d2l's closing lines
     assert not {"train_step", "eval_step", "init_variables"} & set(compilations())
 
     assert run_cli(data_dir, workdir, "--epochs", "1", "--resume") == 1
@@ -440,8 +441,8 @@ def test_start_up_says_what_it_is_doing(data_dir, tmp_path, capsys):
     assert run_cli(data_dir, tmp_path, "--epochs", "1") == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "loading Fashion-MNIST (idx)"
-    assert lines[1].startswith("input: 52.3 MiB of images, held on the devices (the device "
-                               "limit: ")  # the training split and the test split
+    assert lines[1].startswith("input: 7.7 MiB of images, held on the devices (the device "
+                               "limit: ")  # run_cli's training and test splits
     assert lines[2] == "compiling the train and eval steps"
     assert re.fullmatch(r"compiled in \d+\.\d s; the train step takes \d+ MiB per device",
                         lines[3]), lines[3]
@@ -471,7 +472,7 @@ def test_help_shows_defaults_and_suggests_resize_32(capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["--help"])
     text = capsys.readouterr().out
-    assert "add --resize 32" in text and "(default: 256)" in text and "(default: 96)" in text
+    assert "add --resize 32" in text and "(default: 256)" in text and "(default: 96, d2l's" in text
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
