@@ -110,7 +110,7 @@ def channel_stats(source: Source, examples: int = STATS_EXAMPLES) -> tuple[tuple
     """(mean, std) per channel of pixels in [0, 1], over up to `examples` training images
     spread evenly over the split (always the same ones)."""
     indices = np.unique(np.linspace(0, len(source) - 1, min(examples, len(source))).astype(int))
-    images = materialize(Rows(_Indexed(source, indices), 0, len(indices))).images
+    images = materialize(_Indexed(source, indices)).images
     pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
     return (tuple(round(float(v), 6) for v in pixels.mean(0)),
             tuple(round(max(float(v), 1e-6), 6) for v in pixels.std(0)))
